@@ -1,0 +1,380 @@
+"""A clean PyTorch implementation of the scGPT architecture with TransformerLens-style hook points.
+
+The forward pass reproduces the official ``scgpt.model.TransformerModel._encode`` (post-LayerNorm,
+ReLU, eps 1e-5, no final norm; q|k|v fused head-major) - tested against the official package to 1e-5.
+
+Hook points (per layer ``l``; shapes for a batch of B cells with S tokens, H heads, D = d_model):
+
+============================================  =============  ===============================================
+name                                          shape          meaning
+============================================  =============  ===============================================
+``hook_gene_embed`` / ``hook_value_embed``    [B, S, D]      gene embedding (after enc_norm) / value embedding
+``hook_embed``                                [B, S, D]      their sum: the input of layer 0
+``blocks.l.hook_resid_pre``                   [B, S, D]      input of layer l
+``blocks.l.attn.hook_q`` / ``hook_k`` / ``hook_v``  [B, S, H, dh]
+``blocks.l.attn.hook_attn_scores``            [B, H, S, S]   QK^T / sqrt(dh), pads set to -inf
+``blocks.l.attn.hook_pattern``                [B, H, S, S]   softmax over keys; row i = what token i attends to
+``blocks.l.attn.hook_z``                      [B, S, H, dh]  pattern @ V
+``blocks.l.attn.hook_result``                 [B, S, H, D]   per-head output z_h W_O[h] (without b_O)
+``blocks.l.hook_attn_out``                    [B, S, D]      sum of results + b_O
+``blocks.l.hook_resid_mid``                   [B, S, D]      resid_pre + attn_out (before norm1)
+``blocks.l.ln1.hook_normalized``              [B, S, D]      norm1 output = the MLP input
+``blocks.l.mlp.hook_pre`` / ``mlp.hook_post`` [B, S, d_hid]  linear1 output / ReLU output
+``blocks.l.hook_mlp_out``                     [B, S, D]      linear2 output
+``blocks.l.hook_resid_post``                  [B, S, D]      ln1 output + mlp_out (before norm2)
+``blocks.l.hook_normalized_resid_post``       [B, S, D]      norm2 output = input of layer l + 1
+============================================  =============  ===============================================
+
+scGPT is post-LN: ``resid_pre`` of layer l+1 equals ``normalized_resid_post`` of layer l, and the residual
+stream is not additive across layers, so direct-logit-attribution style decompositions do not apply unchanged.
+``hook_result`` is only materialised when something hooks it (it is H times larger than ``attn_out``); when
+no attention-internal hook is active the fused scaled-dot-product kernel is used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import ScGPTConfig
+from .hooks import ActivationCache, HookedRootModule, HookPoint, NamesFilter
+from .tokenize import TokenBatch
+from .vocab import GeneVocab
+
+
+class GeneEncoder(nn.Module):
+    def __init__(self, n_tokens: int, d_model: int, pad_id: int | None, eps: float):
+        super().__init__()
+        self.embedding = nn.Embedding(n_tokens, d_model, padding_idx=pad_id)
+        self.enc_norm = nn.LayerNorm(d_model, eps=eps)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.enc_norm(self.embedding(ids))
+
+
+class ContinuousValueEncoder(nn.Module):
+    """Value -> vector MLP of the official model (values clamped at 512)."""
+
+    max_value = 512.0
+
+    def __init__(self, d_model: int, dropout: float, eps: float):
+        super().__init__()
+        self.linear1 = nn.Linear(1, d_model)
+        self.linear2 = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        v = torch.clamp(v.unsqueeze(-1), max=self.max_value)
+        return self.dropout(self.norm(self.linear2(F.relu(self.linear1(v)))))
+
+
+class CategoryValueEncoder(nn.Module):
+    def __init__(self, n_bins: int, d_model: int, pad_value: int, eps: float):
+        super().__init__()
+        self.embedding = nn.Embedding(n_bins, d_model, padding_idx=pad_value if pad_value >= 0 else None)
+        self.enc_norm = nn.LayerNorm(d_model, eps=eps)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.enc_norm(self.embedding(v.long().clamp(min=0)))
+
+
+class LayerNormWithHook(nn.LayerNorm):
+    def __init__(self, d: int, eps: float):
+        super().__init__(d, eps=eps)
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_normalized(super().forward(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ScGPTConfig):
+        super().__init__()
+        E, self.H, self.dh = cfg.embsize, cfg.nheads, cfg.d_head
+        # fused [q_all | k_all | v_all], each block head-major: the official / torch / flash-attn layout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * E, E))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * E))
+        self.out_proj = nn.Linear(E, E)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        self.attn_dropout = cfg.dropout
+        for n in ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z", "hook_result"):
+            setattr(self, n, HookPoint())
+
+    def _internal_hooks_active(self) -> bool:
+        return any(
+            h.active for h in (self.hook_q, self.hook_k, self.hook_v, self.hook_attn_scores,
+                               self.hook_pattern, self.hook_z, self.hook_result)
+        )
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        B, S, E = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = (t.view(B, S, self.H, self.dh) for t in qkv.split(E, dim=-1))
+        drop = self.attn_dropout if self.training else 0.0
+        if not self._internal_hooks_active():
+            keep = None if pad is None else (~pad)[:, None, None, :]
+            z = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep, dropout_p=drop
+            ).transpose(1, 2)
+            return self.out_proj(z.reshape(B, S, E))
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(self.dh)
+        if pad is not None:
+            scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
+        if drop:
+            pattern = F.dropout(pattern, drop)
+        z = self.hook_z(torch.einsum("bhij,bjhd->bihd", pattern, v))
+        if self.hook_result.active:
+            W_O = self.out_proj.weight.T.reshape(self.H, self.dh, E)  # [H, dh, D]
+            result = self.hook_result(torch.einsum("bihd,hdD->bihD", z, W_O))
+            return result.sum(dim=2) + self.out_proj.bias
+        return self.out_proj(z.reshape(B, S, E))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ScGPTConfig):
+        super().__init__()
+        self.linear1 = nn.Linear(cfg.embsize, cfg.d_hid)
+        self.linear2 = nn.Linear(cfg.d_hid, cfg.embsize)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(self.hook_post(F.relu(self.hook_pre(self.linear1(x))))))
+
+
+class ScGPTBlock(nn.Module):
+    """One post-LN encoder layer, equal to torch ``TransformerEncoderLayer(norm_first=False, relu)``."""
+
+    def __init__(self, cfg: ScGPTConfig):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.ln1 = LayerNormWithHook(cfg.embsize, cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.ln2 = LayerNormWithHook(cfg.embsize, cfg.layer_norm_eps)
+        self.dropout1 = nn.Dropout(cfg.dropout)
+        self.dropout2 = nn.Dropout(cfg.dropout)
+        for n in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out",
+                  "hook_resid_post", "hook_normalized_resid_post"):
+            setattr(self, n, HookPoint())
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        attn_out = self.hook_attn_out(self.attn(x, pad))
+        mid = self.hook_resid_mid(x + self.dropout1(attn_out))
+        normed_mid = self.ln1(mid)
+        mlp_out = self.hook_mlp_out(self.mlp(normed_mid))
+        post = self.hook_resid_post(normed_mid + self.dropout2(mlp_out))
+        return self.hook_normalized_resid_post(self.ln2(post))
+
+
+class ExprDecoder(nn.Module):
+    """Masked-expression head of the official model: Linear-LeakyReLU-Linear-LeakyReLU-Linear."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(d_model, d_model), nn.LeakyReLU(), nn.Linear(d_model, d_model), nn.LeakyReLU(),
+            nn.Linear(d_model, 1),
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(h).squeeze(-1)
+
+
+class MVCDecoder(nn.Module):
+    """Official "inner product" MVC head: predict each gene's value from the cell embedding."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.gene2query = nn.Linear(d_model, d_model)
+        self.W = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, cell_emb: torch.Tensor, gene_embs: torch.Tensor) -> torch.Tensor:
+        q = torch.sigmoid(self.gene2query(gene_embs))
+        return torch.bmm(self.W(q), cell_emb.unsqueeze(2)).squeeze(2)
+
+
+class HookedScGPT(HookedRootModule):
+    """scGPT encoder with hook points, expression decoder and (optional) MVC decoder.
+
+    Build one with :func:`sclens.models.load_scgpt` (an official checkpoint directory) or from a config
+    and vocabulary for pretraining.
+    """
+
+    def __init__(self, config: ScGPTConfig, vocab: GeneVocab):
+        super().__init__()
+        self.config = config
+        self.vocab = vocab
+        eps = config.layer_norm_eps
+        self.encoder = GeneEncoder(vocab.size, config.embsize, vocab["<pad>"], eps)
+        if config.input_emb_style == "continuous":
+            self.value_encoder = ContinuousValueEncoder(config.embsize, config.dropout, eps)
+        elif config.input_emb_style == "category":
+            self.value_encoder = CategoryValueEncoder(config.n_bins + 1, config.embsize, int(config.pad_value), eps)
+        else:
+            self.value_encoder = nn.Identity()
+        self.hook_gene_embed = HookPoint()
+        self.hook_value_embed = HookPoint()
+        self.hook_embed = HookPoint()
+        self.blocks = nn.ModuleList([ScGPTBlock(config) for _ in range(config.nlayers)])
+        self.decoder = ExprDecoder(config.embsize)
+        self.mvc_decoder = MVCDecoder(config.embsize) if config.MVC else None
+        self.setup_hooks()
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def embed(self, gene_ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.hook_gene_embed(self.encoder(gene_ids))
+        if self.config.input_emb_style == "scaling":
+            x = g * values.unsqueeze(-1)
+        else:
+            x = g + self.hook_value_embed(self.value_encoder(values))
+        return self.hook_embed(x), g
+
+    def forward(
+        self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor | None = None,
+        *, stop_at_layer: int | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [B, S, D] (or the input of layer ``stop_at_layer``). Pad rows are undefined."""
+        x, _ = self.embed(gene_ids, values)
+        pad = padding_mask if padding_mask is not None and bool(padding_mask.any()) else None
+        for i, block in enumerate(self.blocks):
+            if stop_at_layer is not None and i >= stop_at_layer:
+                break
+            x = block(x, pad)
+        return x
+
+    def forward_batch(self, batch: TokenBatch, **kw) -> torch.Tensor:
+        b = batch.to(self.device)
+        return self(b.gene_ids, b.values, b.padding_mask, **kw)
+
+    @staticmethod
+    def pool(hidden: torch.Tensor, padding_mask: torch.Tensor, mode: str = "cls") -> torch.Tensor:
+        """Cell embedding from hidden states: ``cls`` (official default) or ``avg`` (masked mean, pads excluded)."""
+        if mode == "cls":
+            emb = hidden[:, 0]
+        elif mode == "avg":
+            keep = (~padding_mask).unsqueeze(-1).to(hidden.dtype)
+            emb = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
+        else:
+            raise ValueError(f"pooling mode must be 'cls' or 'avg', got {mode!r}")
+        return emb
+
+    @torch.no_grad()
+    def cell_embeddings(
+        self, batch: TokenBatch, *, mode: str = "cls", normalize: bool = True, batch_size: int = 64,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Cell embeddings [N, D]; CLS + L2 normalisation reproduces the official ``embed_data``."""
+        was_training = self.training
+        self.eval()
+        out = []
+        for start in tqdm(range(0, len(batch), batch_size), disable=not progress, desc="embedding cells", unit="batch"):
+            b = batch[start : start + batch_size].to(self.device)
+            emb = self.pool(self(b.gene_ids, b.values, b.padding_mask), b.padding_mask, mode)
+            if normalize:
+                emb = emb / emb.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            out.append(emb.float().cpu())
+        self.train(was_training)
+        return torch.cat(out).numpy()
+
+    # ------------------------------------------------------------------ caching
+    @torch.no_grad()
+    def run_with_cache(
+        self, batch: TokenBatch, names: NamesFilter = None, *, batch_size: int = 32, progress: bool = True,
+        reduce: str | Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        stop_at_layer: int | None = None,
+    ) -> ActivationCache:
+        """Run the model over ``batch`` in mini-batches and return only the activations asked for.
+
+        Parameters
+        ----------
+        names
+            Hook names, a single name, or a predicate ``name -> bool``; None caches every hook (large).
+        reduce
+            None keeps every cell (stacked on dim 0). ``"sum"`` keeps a running sum over cells (for averages over
+            a reference set without holding every cell); a callable ``(name, act, padding_mask) -> tensor``
+            is applied to each mini-batch and its outputs are summed.
+        """
+        wanted = self.resolve_names(names)
+        was_training = self.training
+        self.eval()
+        store: dict[str, list[torch.Tensor] | torch.Tensor] = {}
+        current_pad: list[torch.Tensor] = []
+
+        def make_hook(name: str):
+            def hook(act, hp):
+                a = act.detach()
+                if reduce is None:
+                    store.setdefault(name, []).append(a.cpu())
+                else:
+                    r = a.sum(0) if reduce == "sum" else reduce(name, a, current_pad[0])
+                    store[name] = store[name] + r.cpu() if name in store else r.cpu().clone()
+            return hook
+
+        try:
+            with self.hooks([(n, make_hook(n)) for n in wanted]):
+                for start in tqdm(range(0, len(batch), batch_size), disable=not progress,
+                                  desc="running model", unit="batch"):
+                    b = batch[start : start + batch_size].to(self.device)
+                    current_pad[:] = [b.padding_mask]
+                    self(b.gene_ids, b.values, b.padding_mask, stop_at_layer=stop_at_layer)
+        finally:
+            self.train(was_training)
+        return ActivationCache({k: (torch.cat(v) if isinstance(v, list) else v) for k, v in store.items()})
+
+    def run_with_hooks(self, batch: TokenBatch, fwd_hooks: Iterable = ()) -> torch.Tensor:
+        """One forward pass with temporary hooks ``[(name, fn(act, hook) -> act | None)]``; returns the output."""
+        with self.hooks(fwd_hooks):
+            return self.forward_batch(batch)
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def n_layers(self) -> int:
+        return self.config.nlayers
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.nheads
+
+    def head_weights(self, layer: int, head: int) -> dict[str, torch.Tensor]:
+        """Per-head weights in TransformerLens convention: W_Q/W_K/W_V [D, dh], b_Q/b_K/b_V [dh], W_O [dh, D], b_O [D]."""
+        if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
+            raise IndexError(f"unit ({layer}, {head}) outside {self.n_layers} layers x {self.n_heads} heads")
+        attn = self.blocks[layer].attn
+        E, dh = self.config.embsize, self.config.d_head
+        W, b = attn.in_proj_weight.detach(), attn.in_proj_bias.detach()
+        rows = slice(head * dh, (head + 1) * dh)
+        out = {}
+        for i, n in enumerate("QKV"):
+            out[f"W_{n}"] = W[i * E : (i + 1) * E][rows].T.clone()
+            out[f"b_{n}"] = b[i * E : (i + 1) * E][rows].clone()
+        out["W_O"] = attn.out_proj.weight.detach()[:, rows].T.clone()
+        out["b_O"] = attn.out_proj.bias.detach().clone()
+        return out
+
+    def all_head_weights(self) -> dict[str, torch.Tensor]:
+        """Stacked per-head weights: W_Q/W_K/W_V [L, H, D, dh], W_O [L, H, dh, D], b_O [L, D]."""
+        per = [[self.head_weights(l, h) for h in range(self.n_heads)] for l in range(self.n_layers)]
+        out = {k: torch.stack([torch.stack([p[k] for p in row]) for row in per]) for k in
+               ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O")}
+        out["b_O"] = torch.stack([row[0]["b_O"] for row in per])
+        return out
+
+    def n_parameters(self, backbone_only: bool = False) -> int:
+        mods = [self.encoder, self.value_encoder, self.blocks] if backbone_only else [self]
+        return sum(p.numel() for m in mods for p in m.parameters())
