@@ -1,5 +1,6 @@
 """Foundation models: the hooked scGPT implementation, its checkpoint I/O, tokenisation and pretraining."""
 
+from .api import embed_cells, resolve_model, tokenize_adata
 from .config import ScGPTConfig
 from .hooks import ActivationCache, HookPoint
 from .io import load_scgpt, official_state_dict, read_state_dict, save_scgpt
@@ -10,7 +11,8 @@ from .vocab import SPECIAL_TOKENS, GeneVocab
 __all__ = [
     "ScGPTConfig", "GeneVocab", "SPECIAL_TOKENS", "HookedScGPT", "HookPoint", "ActivationCache",
     "Tokenizer", "TokenBatch", "bin_values", "load_scgpt", "save_scgpt", "read_state_dict",
-    "official_state_dict", "default_model_dir", "load_default_model",
+    "official_state_dict", "default_model_dir", "load_default_model", "embed_cells", "tokenize_adata",
+    "resolve_model",
 ]
 
 

@@ -10,12 +10,9 @@ a missing or mis-shaped tensor is an error, never silently random weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -23,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, preview
+from ..utils import atomic_write, file_sha256
 from .config import ScGPTConfig
 from .scgpt import HookedScGPT
 from .vocab import GeneVocab
@@ -198,17 +196,6 @@ def official_state_dict(model: HookedScGPT) -> dict[str, torch.Tensor]:
     return {_sclens_to_official(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_scgpt(model: HookedScGPT, model_dir: str | Path, *, extra_args: dict | None = None) -> Path:
     """Write ``model`` as an official checkpoint directory (each file written atomically)."""
     model_dir = Path(model_dir)
@@ -216,15 +203,7 @@ def save_scgpt(model: HookedScGPT, model_dir: str | Path, *, extra_args: dict | 
     args = model.config.to_dict()
     args.update({"fast_transformer": True, "pre_norm": False, "nlayers_cls": 3, "n_layers_cls": 3})
     args.update(extra_args or {})
-    _atomic_write(model_dir / "args.json", lambda p: Path(p).write_text(json.dumps(args, indent=2)))
-    _atomic_write(model_dir / "vocab.json", lambda p: Path(p).write_text(model.vocab.to_json()))
-    _atomic_write(model_dir / "best_model.pt", lambda p: torch.save(official_state_dict(model), p))
+    atomic_write(model_dir / "args.json", lambda p: Path(p).write_text(json.dumps(args, indent=2)))
+    atomic_write(model_dir / "vocab.json", lambda p: Path(p).write_text(model.vocab.to_json()))
+    atomic_write(model_dir / "best_model.pt", lambda p: torch.save(official_state_dict(model), p))
     return model_dir
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -1,0 +1,178 @@
+"""The ``sclens`` command line: one subcommand per stage of the data flow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import SclensError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="sclens: open single-cell foundation models and read what their attention heads learned.",
+)
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("sclens_demo"), "--out", "-o", help="Report folder to write."),
+    quick: bool = typer.Option(False, help="Smaller data and fewer steps (about a minute)."),
+    seed: int = typer.Option(0, help="Seed of every stochastic step."),
+) -> None:
+    """Run everything that exists so far on the embedded default model and offline data."""
+    from .demo import run_demo
+
+    try:
+        run_demo(out, quick=quick, seed=seed)
+    except SclensError as exc:
+        _fail(exc)
+
+
+@app.command()
+def data(
+    path: Path = typer.Argument(..., help=".h5ad file (or .zarr store)."),
+    obs_key: List[str] = typer.Option([], "--obs-key", help="obs column that must exist (repeatable)."),
+    var_key: Optional[str] = typer.Option(None, help="var column with gene ids (default: var_names)."),
+    layer: Optional[str] = typer.Option(None, help="Layer to check instead of X."),
+    require: str = typer.Option("any", help="'counts', 'log' or 'any'."),
+    label_key: Optional[str] = typer.Option(None, help="Cell-type column to map onto the stage DAG."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint dir for the panel (default: embedded model)."),
+    n_genes: int = typer.Option(1200, help="Panel size."),
+    panel_out: Optional[Path] = typer.Option(None, help="Write the chosen panel as JSON here."),
+    backed: bool = typer.Option(False, help="Open the file backed (X stays on disk)."),
+) -> None:
+    """Validate a dataset, harmonise gene ids, map labels to stages and choose the gene panel."""
+    from .data import harmonize_gene_ids, read_h5ad, select_panel, validate
+    from .models.api import resolve_model
+    from .ontology import StageDAG
+    from .utils import write_json
+
+    try:
+        adata = read_h5ad(path, backed=backed)
+        if var_key:
+            adata = harmonize_gene_ids(adata if not backed else adata.to_memory(), var_key=var_key)
+        report = validate(adata, obs_keys=obs_key + ([label_key] if label_key else []), require=require, layer=layer)
+        typer.echo(report.summary())
+        if label_key:
+            typer.echo(StageDAG.default().map_labels(adata.obs[label_key].astype(str)).summary())
+        if panel_out:
+            m = resolve_model(model)
+            a = adata.to_memory() if getattr(adata, "isbacked", False) else adata
+            a = harmonize_gene_ids(a, vocabulary=m.vocab.genes)
+            panel = select_panel(a, m.vocab.genes, n_genes=n_genes, layer=layer)
+            write_json(panel_out, panel.to_dict())
+            typer.echo(f"panel: {len(panel)} genes ({panel.flavor}) -> {panel_out}")
+    except SclensError as exc:
+        _fail(exc)
+
+
+@app.command("model")
+def model_info(
+    model_dir: Optional[Path] = typer.Argument(None, help="Official scGPT checkpoint dir (default: embedded model)."),
+    hooks: bool = typer.Option(False, help="List every hook point."),
+    allow_unsupported: bool = typer.Option(False, help="Ignore fine-tuning modules sclens does not model."),
+) -> None:
+    """Load a checkpoint and print its architecture, vocabulary and hook points."""
+    from .models import load_default_model, load_scgpt
+
+    try:
+        m = load_scgpt(model_dir, allow_unsupported=allow_unsupported) if model_dir else load_default_model()
+    except SclensError as exc:
+        _fail(exc)
+    c = m.config
+    typer.echo(f"source: {getattr(m, 'source', '?')}")
+    typer.echo(f"architecture: scGPT, {c.nlayers} layers x {c.nheads} heads (d_head {c.d_head}), d_model {c.embsize}, "
+               f"d_hid {c.d_hid}, values {c.input_emb_style}, {c.n_bins} bins, max_seq_len {c.max_seq_len}")
+    typer.echo(f"vocabulary: {len(m.vocab):,} tokens; parameters: {m.n_parameters():,} "
+               f"(encoder {m.n_parameters(backbone_only=True):,}); MVC head: {m.mvc_decoder is not None}")
+    typer.echo(f"checkpoint sha256: {m.checkpoint_sha256}")
+    typer.echo(f"hook points: {len(m.hook_dict)}")
+    if hooks:
+        for n in m.hook_dict:
+            typer.echo(f"  {n}")
+
+
+@app.command()
+def embed(
+    path: Path = typer.Argument(..., help="Input .h5ad (never modified)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .h5ad with obsm['X_scgpt']."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint dir (default: embedded model)."),
+    var_key: Optional[str] = typer.Option(None, help="var column with gene ids."),
+    layer: Optional[str] = typer.Option(None),
+    pooling: str = typer.Option("cls", help="'cls' (official) or 'avg'."),
+    batch_size: int = typer.Option(64),
+    seed: int = typer.Option(0),
+) -> None:
+    """Cell embeddings of a foundation model (official embed_data rules) into obsm['X_scgpt']."""
+    from .data import read_h5ad
+    from .models.api import embed_cells, resolve_model
+    from .utils import atomic_write
+
+    try:
+        if out.resolve() == path.resolve():
+            raise SclensError("--out must differ from the input file: sclens never overwrites its input")
+        adata = read_h5ad(path)
+        embed_cells(adata, resolve_model(model), var_key=var_key, layer=layer, pooling=pooling,
+                    batch_size=batch_size, seed=seed)
+        atomic_write(out, lambda p: adata.write_h5ad(p))
+        typer.echo(f"wrote {adata.n_obs} embeddings ({adata.obsm['X_scgpt'].shape[1]}-d) to {out}")
+    except SclensError as exc:
+        _fail(exc)
+
+
+@app.command()
+def pretrain(
+    paths: List[Path] = typer.Argument(..., help="One or more .h5ad files of raw counts."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint dir to write (official layout)."),
+    config: Optional[Path] = typer.Option(None, help="JSON/YAML file of PretrainConfig fields."),
+    steps: Optional[int] = typer.Option(None), layers: Optional[int] = typer.Option(None),
+    heads: Optional[int] = typer.Option(None), d_model: Optional[int] = typer.Option(None),
+    d_hid: Optional[int] = typer.Option(None), seq_len: Optional[int] = typer.Option(None, help="Training tokens per cell."),
+    batch_size: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
+    mvc: Optional[bool] = typer.Option(None, help="Add the cell-embedding (MVC) objective."),
+    seed: Optional[int] = typer.Option(None), layer: Optional[str] = typer.Option(None),
+    var_key: Optional[str] = typer.Option(None),
+) -> None:
+    """Pretrain an scGPT-architecture model (masked expression) and write the official checkpoint layout."""
+    import dataclasses
+
+    import yaml
+
+    from .data import harmonize_gene_ids, read_h5ad
+    from .models.pretrain import PretrainConfig, pretrain_scgpt
+
+    try:
+        fields = {}
+        if config:
+            fields = yaml.safe_load(config.read_text()) or {}
+            known = {f.name for f in dataclasses.fields(PretrainConfig)}
+            bad = sorted(set(fields) - known)
+            if bad:
+                raise SclensError(f"unknown PretrainConfig field(s) {bad} in {config}; known: {sorted(known)}")
+        overrides = dict(steps=steps, n_layers=layers, n_heads=heads, d_model=d_model, d_hid=d_hid,
+                         train_seq_len=seq_len, batch_size=batch_size, lr=lr, mvc=mvc, seed=seed)
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        cfg = PretrainConfig(**fields)
+        datasets = [harmonize_gene_ids(read_h5ad(p), var_key=var_key) for p in paths]
+        res = pretrain_scgpt(datasets, cfg, out_dir=out, layer=layer,
+                             extra_provenance={"inputs": [str(p) for p in paths]})
+        typer.echo(f"wrote {out} ({res.log['n_parameters']:,} parameters, final held-out masked MSE "
+                   f"{res.log['final_eval']['mlm']:.3f}, constant predictor {res.log['eval_constant_predictor_mse']:.3f})")
+    except SclensError as exc:
+        _fail(exc)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Small shared helpers: atomic writes, hashing, provenance records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=1, default=_json_default)))
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def array_sha256(*arrays) -> str:
+    """Hash of array contents (shape, dtype and bytes); used as an input hash in reports."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    h = hashlib.sha256()
+    for a in arrays:
+        if sp.issparse(a):
+            a = a.tocsr()
+            for part in (a.data, a.indices, a.indptr):
+                h.update(np.ascontiguousarray(part).tobytes())
+            h.update(str(a.shape).encode())
+        else:
+            a = np.ascontiguousarray(np.asarray(a))
+            h.update(str((a.shape, a.dtype.str)).encode())
+            h.update(a.tobytes() if a.dtype != object else str(a.tolist()).encode())
+    return h.hexdigest()
+
+
+def package_versions(names=("sclens", "torch", "numpy", "scipy", "anndata", "scanpy", "scikit-learn", "safetensors")) -> dict:
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            out[n] = None
+    return out

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from sclens.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def h5ad(tmp_path, sim_small):
+    p = tmp_path / "sim.h5ad"
+    sim_small.write_h5ad(p)
+    return p
+
+
+def test_data_command_reports_and_writes_panel(h5ad, tmp_path):
+    r = runner.invoke(app, ["data", str(h5ad), "--obs-key", "donor", "--label-key", "cell_type",
+                            "--panel-out", str(tmp_path / "panel.json"), "--n-genes", "50"])
+    assert r.exit_code == 0, r.output
+    assert "counts" in r.output and "all 360 cells mapped" in r.output
+    assert len(json.loads((tmp_path / "panel.json").read_text())["genes"]) == 50
+
+
+def test_data_command_missing_column_is_exit_2(h5ad):
+    r = runner.invoke(app, ["data", str(h5ad), "--obs-key", "celltype"])
+    assert r.exit_code == 2
+    assert "available obs columns" in r.output
+
+
+def test_model_command_on_default_model():
+    r = runner.invoke(app, ["model", "--hooks"])
+    assert r.exit_code == 0, r.output
+    assert "blocks.0.attn.hook_pattern" in r.output and "scGPT" in r.output
+
+
+def test_model_command_on_bad_dir(tmp_path):
+    r = runner.invoke(app, ["model", str(tmp_path)])
+    assert r.exit_code == 2 and "not an scGPT checkpoint directory" in r.output
+
+
+def test_pretrain_then_embed(h5ad, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("n_layers: 1\nn_heads: 2\nd_model: 16\nd_hid: 32\ntrain_seq_len: 32\nbatch_size: 8\n"
+                   "eval_every: 5\neval_cells: 16\nwarmup_steps: 2\n")
+    r = runner.invoke(app, ["pretrain", str(h5ad), "-o", str(tmp_path / "m"), "--config", str(cfg), "--steps", "5"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["embed", str(h5ad), "-o", str(tmp_path / "e.h5ad"), "--model", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    import anndata as ad
+
+    assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_scgpt"].shape == (360, 16)
+    r = runner.invoke(app, ["embed", str(h5ad), "-o", str(h5ad), "--model", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "never overwrites" in r.output
+
+
+def test_pretrain_rejects_unknown_config_field(h5ad, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("n_layer: 1\n")
+    r = runner.invoke(app, ["pretrain", str(h5ad), "-o", str(tmp_path / "m"), "--config", str(cfg)])
+    assert r.exit_code == 2 and "unknown PretrainConfig field" in r.output
