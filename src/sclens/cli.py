@@ -170,6 +170,90 @@ def pretrain(
         _fail(exc)
 
 
+def _split(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+@app.command("export-operators")
+def export_operators_cmd(
+    data_path: Path = typer.Argument(..., help="Reference cells (.h5ad)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for operators_<kind>.safetensors (+ .json) and panel.json."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint dir (default: embedded model)."),
+    kinds: str = typer.Option("attn,qk,ov", help="Comma-separated operator kinds."),
+    n_genes: int = typer.Option(1200, help="Panel size (HVGs among vocabulary genes)."),
+    panel_file: Optional[Path] = typer.Option(None, "--panel", help="Use this panel.json instead of choosing one."),
+    n_ref_cells: int = typer.Option(256, help="Reference cells averaged for attn / residual means."),
+    var_key: Optional[str] = typer.Option(None), layer: Optional[str] = typer.Option(None),
+    batch_size: int = typer.Option(8), seed: int = typer.Option(0),
+) -> None:
+    """Export the frozen G x G gene-space operator of every attention unit."""
+    from .data import GenePanel, harmonize_gene_ids, read_h5ad, select_panel
+    from .models.api import resolve_model
+    from .operators import export_operators
+    from .utils import write_json
+
+    try:
+        m = resolve_model(model)
+        adata = harmonize_gene_ids(read_h5ad(data_path), var_key=var_key, vocabulary=m.vocab.genes)
+        panel = (GenePanel.from_dict(json.loads(panel_file.read_text())) if panel_file
+                 else select_panel(adata, m.vocab.genes, n_genes=n_genes, layer=layer))
+        banks = export_operators(m, adata, panel, _split(kinds), n_ref_cells=n_ref_cells, seed=seed,
+                                 batch_size=batch_size, layer=layer)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "panel.json", panel.to_dict())
+        for kind, bank in banks.items():
+            bank.save(out / f"operators_{kind}.safetensors")
+        typer.echo(f"wrote {len(banks)} operator banks ({m.n_layers} x {m.n_heads} units, G = {len(panel)}) to {out}")
+    except SclensError as exc:
+        _fail(exc)
+
+
+@app.command("screen")
+def screen_cmd(
+    data_path: Path = typer.Argument(..., help="Cells with stage labels (.h5ad)."),
+    operators: Path = typer.Option(..., help="Folder written by export-operators."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder."),
+    label_key: str = typer.Option(..., help="obs column with cell-type / stage labels."),
+    donor_key: Optional[str] = typer.Option(None), tissue_key: Optional[str] = typer.Option(None),
+    kinds: str = typer.Option("attn,qk,ov"), fitters: str = typer.Option("isomap,gmds,let"),
+    dag: Optional[Path] = typer.Option(None, help="A stage DAG YAML (default: the shipped hematopoiesis DAG)."),
+    gates: Optional[Path] = typer.Option(None, help="Gate YAML (default: the shipped pre-registered gates)."),
+    min_cells: int = typer.Option(5), max_cells: Optional[int] = typer.Option(None),
+    n_jobs: int = typer.Option(1), seed: int = typer.Option(0), var_key: Optional[str] = typer.Option(None),
+    layer: Optional[str] = typer.Option(None), no_drift: bool = typer.Option(False), no_raw: bool = typer.Option(False),
+) -> None:
+    """Screen every unit x featurisation x fitter against the developmental ruler, under the gates."""
+    from .anchors import build_anchors
+    from .data import harmonize_gene_ids, read_h5ad
+    from .ontology import StageDAG
+    from .operators import OperatorBank
+    from .screen import screen
+
+    try:
+        banks = {}
+        for kind in _split(kinds):
+            p = operators / f"operators_{kind}.safetensors"
+            if not p.is_file():
+                raise SclensError(f"{p} not found; run `sclens export-operators` first (kinds present: "
+                                  f"{sorted(x.stem.split('_', 1)[1] for x in operators.glob('operators_*.safetensors'))})")
+            banks[kind] = OperatorBank.load(p)
+        panel = next(iter(banks.values())).panel
+        adata = harmonize_gene_ids(read_h5ad(data_path), var_key=var_key)
+        stage_dag = StageDAG.from_yaml(dag) if dag else StageDAG.default()
+        anchors = build_anchors(adata, panel, label_key=label_key, donor_key=donor_key, tissue_key=tissue_key,
+                                dag=stage_dag, min_cells=min_cells, max_cells=max_cells, layer=layer, seed=seed)
+        rep = screen(banks, anchors, fitters=_split(fitters), gates_path=gates, seed=seed, n_jobs=n_jobs,
+                     cache_dir=out / "cache", include_drift=not no_drift, include_raw=not no_raw)
+        rep.save(out, anchors, banks)
+        t = rep.top
+        typer.echo(f"{len(rep.table)} hypotheses on {len(anchors)} anchors; {int(rep.table['passes_all'].sum())} pass "
+                   f"the gates with the null failing. Top: {t['featurisation']} L{int(t['layer'])}H{int(t['head'])} "
+                   f"{t['fitter']} (resid. Spearman {t['ruler_spearman_resid']:.3f}, trust {t['trustworthiness']:.3f}, "
+                   f"p {t['perm_p']:.4g}, passes {bool(t['passes_all'])}). Report: {out}")
+    except SclensError as exc:
+        _fail(exc)
+
+
 def main() -> None:
     app()
 

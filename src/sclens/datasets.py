@@ -189,7 +189,7 @@ def simulate_hematopoiesis(
       proportions). A cell of stage s sits between s and one of its parents: its module activities are
       ``(1-u) a_s + u a_parent`` with ``u ~ U(0, 0.35)``, so cells form continuous branches, not blobs.
     * **Expression**: curated marker modules (:data:`MODULES`, from ``resources/marker_sets.yaml`` with their
-      literature sources) raise their genes by a per-gene log fold change of 1.5-4 times the activity;
+      literature sources) raise their genes by a per-gene log fold change of 2-4.5 times the activity;
       the ``n_background_genes`` background genes (real symbols) have log-normal baselines, and 15 % of them
       carry branch-specific shifts so that lineage structure is not carried by markers alone.
     * **Donors**: per-donor per-gene log scaling ``N(0, donor_effect)``, per-donor library-size factor, and
@@ -215,7 +215,7 @@ def simulate_hematopoiesis(
     # gene-level parameters
     base = np.concatenate([rng.normal(-2.5, 0.7, len(markers)), rng.normal(0.0, 1.2, len(background))])
     theta = np.exp(rng.normal(np.log(3.0), 0.5, G))  # NB dispersion (size)
-    module_lfc = {m: {g: rng.uniform(1.5, 4.0) for g in gs} for m, gs in MODULES.items()}
+    module_lfc = {m: {g: rng.uniform(2.0, 4.5) for g in gs} for m, gs in MODULES.items()}
     branch_shift = {b: np.zeros(G) for b in dag.branches}
     shifted = rng.choice(np.arange(len(markers), G), size=int(0.15 * len(background)), replace=False)
     for b in dag.branches:

@@ -1,0 +1,347 @@
+"""Manifold fitting and the statistics that decide whether a featurisation encodes a ruler.
+
+Fitters (anchors x features -> anchors x d latent):
+
+* ``isomap`` — scikit-learn Isomap on z-scored features (kNN graph, k = 15 by default).
+* ``gmds``   — geodesic MDS: shortest paths on the same kNN graph, then metric MDS (SMACOF, initialised
+  from classical MDS). Held-out anchors are placed by inverse-distance interpolation of their 5 nearest
+  training anchors in feature space.
+* ``let``    — latent embedding transfer: ``z = W (x − b)``, ``d̂_ij = β · arccos(cos(z_i, z_j))``, loss
+  ``mean (d̂ − ruler)² + α · mean ‖Wᵀz + b − x‖²`` with d = 10, α = 0.1, learnable β initialised at
+  ruler max / (π/2), z-scored features, full-batch Adam. It is the only fitter that sees the ruler.
+
+Statistics: trustworthiness (Venna & Kaski, k = 15), Spearman between latent (or kNN-geodesic) distances
+and the ruler over anchor pairs, the same correlation residualised on same-donor / same-tissue pair
+indicators, random (20 %) / donor (3 folds) / branch (leave one branch out) holdout Spearman (fit on the
+rest, score the held-out anchors), a
+blocked permutation test (stage labels permuted within donor blocks, add-one rule, Besag–Clifford early
+stop for clear failures), and intrinsic dimension (TwoNN, plus the LET score-versus-d curve).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.sparse.csgraph import connected_components, shortest_path
+from scipy.stats import rankdata, spearmanr
+from sklearn.manifold import Isomap, smacof, trustworthiness as _sk_trustworthiness
+from sklearn.neighbors import NearestNeighbors, kneighbors_graph
+
+from .errors import InputError
+
+FITTERS = ("isomap", "gmds", "let")
+
+
+# ---------------------------------------------------------------------------- helpers
+def upper(D: np.ndarray) -> np.ndarray:
+    i, j = np.triu_indices(D.shape[0], k=1)
+    return D[i, j]
+
+
+def pdist(Z: np.ndarray) -> np.ndarray:
+    sq = (Z**2).sum(1)
+    D = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * Z @ Z.T, 0))
+    np.fill_diagonal(D, 0)
+    return D
+
+
+def zscore_fit(F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mu = F.mean(0)
+    sd = F.std(0)
+    sd[sd < 1e-12] = 1.0
+    return mu, sd
+
+
+def spearman_pairs(D: np.ndarray, R: np.ndarray) -> float:
+    """Spearman correlation between two distance matrices over the upper triangle."""
+    a, b = upper(D), upper(R)
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0 or not np.isfinite(a).all():
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def residualized_spearman(D: np.ndarray, R: np.ndarray, donors, tissues) -> float:
+    """Partial Spearman of latent distance and ruler given same-donor and same-tissue pair indicators."""
+    donors, tissues = np.asarray(donors), np.asarray(tissues)
+    a, b = rankdata(upper(D)), rankdata(upper(R))
+    cov = [np.ones_like(a)]
+    for g in (donors, tissues):
+        same = upper((g[:, None] == g[None, :]).astype(float))
+        if np.ptp(same) > 0:
+            cov.append(same)
+    C = np.stack(cov, 1)
+    ra = a - C @ np.linalg.lstsq(C, a, rcond=None)[0]
+    rb = b - C @ np.linalg.lstsq(C, b, rcond=None)[0]
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def trustworthiness(F: np.ndarray, Z: np.ndarray, k: int = 15) -> float:
+    k = min(k, (len(F) - 1) // 2)
+    if k < 1:
+        return float("nan")
+    return float(_sk_trustworthiness(F, Z, n_neighbors=k))
+
+
+def knn_geodesic(F: np.ndarray, k: int = 15) -> tuple[np.ndarray, int]:
+    """Shortest-path distances on the symmetric kNN graph; k grows until the graph is connected."""
+    n = len(F)
+    k = max(1, min(k, n - 1))
+    while True:
+        G = kneighbors_graph(F, k, mode="distance")
+        G = G.maximum(G.T)
+        if connected_components(G, directed=False)[0] == 1 or k >= n - 1:
+            return shortest_path(G, directed=False), k
+        k = min(n - 1, k * 2)
+
+
+def twonn_dimension(F: np.ndarray) -> float:
+    """TwoNN intrinsic dimension (Facco et al. 2017): MLE from the ratio of 2nd to 1st neighbour distances."""
+    if len(F) < 4:
+        return float("nan")
+    d, _ = NearestNeighbors(n_neighbors=3).fit(F).kneighbors(F)
+    r1, r2 = d[:, 1], d[:, 2]
+    ok = (r1 > 0) & (r2 > r1)
+    mu = r2[ok] / r1[ok]
+    return float(len(mu) / np.log(mu).sum()) if len(mu) else float("nan")
+
+
+# ---------------------------------------------------------------------------- fitters
+@dataclass
+class FittedManifold:
+    """A fitted map from (raw, un-scaled) features to the latent."""
+
+    fitter: str
+    Z: np.ndarray
+    mu: np.ndarray
+    sd: np.ndarray
+    model: object = None
+    train_scaled: np.ndarray | None = None
+
+    def transform(self, F: np.ndarray) -> np.ndarray:
+        X = (F - self.mu) / self.sd
+        if self.fitter == "isomap":
+            return self.model.transform(X)
+        if self.fitter == "let":
+            return self.model.transform(X)
+        nn = NearestNeighbors(n_neighbors=min(5, len(self.train_scaled))).fit(self.train_scaled)
+        d, idx = nn.kneighbors(X)
+        w = 1.0 / np.maximum(d, 1e-9)
+        w /= w.sum(1, keepdims=True)
+        return (w[:, :, None] * self.Z[idx]).sum(1)
+
+
+class LETModel:
+    """Latent embedding transfer (torch): linear encoder with tied-weight reconstruction and angular ruler fit."""
+
+    def __init__(self, d: int = 10, alpha: float = 0.1, epochs: int = 300, lr: float = 1e-2, seed: int = 0):
+        self.d, self.alpha, self.epochs, self.lr, self.seed = d, alpha, epochs, lr, seed
+
+    def fit(self, X: np.ndarray, R: np.ndarray) -> "LETModel":
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed)
+        Xt = torch.as_tensor(X, dtype=torch.float32)
+        Rt = torch.as_tensor(R, dtype=torch.float32)
+        n, G = Xt.shape
+        W = torch.nn.Parameter(torch.randn(self.d, G, generator=g) / np.sqrt(G))
+        b = torch.nn.Parameter(torch.zeros(G))
+        log_beta = torch.nn.Parameter(torch.tensor(float(np.log(max(float(R.max()), 1e-3) / (np.pi / 2)))))
+        opt = torch.optim.Adam([W, b, log_beta], lr=self.lr)
+        iu = torch.triu_indices(n, n, offset=1)
+        target = Rt[iu[0], iu[1]]
+        for _ in range(self.epochs):
+            z = (Xt - b) @ W.T
+            zn = z / z.norm(dim=1, keepdim=True).clamp(min=1e-8)
+            cos = (zn @ zn.T)[iu[0], iu[1]].clamp(-1 + 1e-6, 1 - 1e-6)
+            fit = ((log_beta.exp() * torch.arccos(cos) - target) ** 2).mean()
+            recon = ((z @ W + b - Xt) ** 2).mean()
+            loss = fit + self.alpha * recon
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        self.W, self.b, self.beta = W.detach().numpy(), b.detach().numpy(), float(log_beta.detach().exp())
+        self.final_fit_loss = float(fit)
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.b) @ self.W.T
+
+    def angular_distances(self, Z: np.ndarray) -> np.ndarray:
+        zn = Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-8)
+        return self.beta * np.arccos(np.clip(zn @ zn.T, -1, 1))
+
+
+def fit_manifold(F: np.ndarray, fitter: str, *, d: int = 10, ruler: np.ndarray | None = None, k: int = 15,
+                 seed: int = 0, let_epochs: int = 300) -> FittedManifold:
+    """Fit one fitter on features F [anchors, features]; ``ruler`` is needed (only) by ``let``."""
+    if fitter not in FITTERS:
+        raise InputError(f"unknown fitter {fitter!r}; choose from {FITTERS}")
+    n = len(F)
+    if n < 6:
+        raise InputError(f"need at least 6 anchors to fit a manifold, got {n}")
+    mu, sd = zscore_fit(F)
+    X = (F - mu) / sd
+    d_eff = min(d, n - 2)
+    if fitter == "isomap":
+        _, k_used = knn_geodesic(X, k)
+        model = Isomap(n_neighbors=k_used, n_components=d_eff).fit(X)
+        return FittedManifold(fitter, model.embedding_, mu, sd, model, X)
+    if fitter == "gmds":
+        Dg, _ = knn_geodesic(X, k)
+        J = np.eye(n) - 1.0 / n
+        Bm = -0.5 * J @ (Dg**2) @ J
+        vals, vecs = np.linalg.eigh(Bm)
+        order = np.argsort(vals)[::-1][:d_eff]
+        init = vecs[:, order] * np.sqrt(np.maximum(vals[order], 1e-12))
+        Z, _ = smacof(Dg, n_components=d_eff, init=init, n_init=1, max_iter=100, metric=True,
+                      random_state=seed, normalized_stress="auto")
+        return FittedManifold(fitter, Z, mu, sd, None, X)
+    if ruler is None:
+        raise InputError("the LET fitter needs the ruler between anchors")
+    model = LETModel(d=d_eff, seed=seed, epochs=let_epochs).fit(X, ruler)
+    return FittedManifold(fitter, model.transform(X), mu, sd, model, X)
+
+
+def latent_distances(m: FittedManifold, Z: np.ndarray) -> np.ndarray:
+    return m.model.angular_distances(Z) if m.fitter == "let" else pdist(Z)
+
+
+# ---------------------------------------------------------------------------- holdouts
+def _group_folds(groups: np.ndarray, n_folds: int, seed: int) -> list[np.ndarray]:
+    uniq = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    uniq = rng.permutation(uniq)
+    n_folds = min(n_folds, len(uniq))
+    return [np.isin(groups, part) for part in np.array_split(uniq, n_folds)]
+
+
+def holdout_spearman(F, rulers: dict, fitter, test_masks, *, d=10, k=15, seed=0, let_epochs=300,
+                     min_test=4) -> dict[str, float]:
+    """Per ruler: mean over folds of Spearman(latent distances among held-out anchors, their ruler).
+
+    Ruler-free fitters fit each fold once and score every ruler on it; LET refits per ruler.
+    """
+    vals: dict[str, list[float]] = {name: [] for name in rulers}
+    for test in test_masks:
+        train = ~test
+        if test.sum() < min_test or train.sum() < 6:
+            continue
+        shared = None
+        for name, R in rulers.items():
+            Rtest = R[np.ix_(test, test)]
+            if np.ptp(upper(Rtest)) == 0:
+                continue
+            if fitter == "let" or shared is None:
+                m = fit_manifold(F[train], fitter, d=d, ruler=R[np.ix_(train, train)], k=k, seed=seed,
+                                 let_epochs=let_epochs)
+                Dt = latent_distances(m, m.transform(F[test]))
+                if fitter != "let":
+                    shared = Dt
+            else:
+                Dt = shared
+            vals[name].append(spearman_pairs(Dt, Rtest))
+    out = {}
+    for name, v in vals.items():
+        v = [x for x in v if np.isfinite(x)]
+        out[name] = float(np.mean(v)) if v else float("nan")
+    return out
+
+
+# ---------------------------------------------------------------------------- permutation test
+def blocked_permutation_p(D: np.ndarray, stage_idx: np.ndarray, stage_ruler: np.ndarray, blocks,
+                          n_perm: int = 2000, seed: int = 0, stop_after: int = 20, chunk: int = 100) -> tuple[float, int]:
+    """One-sided p that Spearman(D, ruler) is this high when stage labels are permuted within blocks.
+
+    Add-one rule ``(1 + #{perm >= obs}) / (1 + n)``; once ``stop_after`` permutations reach the observed
+    value the test stops early (Besag & Clifford 1991, p = stop_after / n done) - only clear failures stop early.
+    Returns (p, permutations run).
+    """
+    blocks = np.asarray(blocks)
+    A = len(stage_idx)
+    iu = np.triu_indices(A, k=1)
+    a = rankdata(D[iu])
+    a = (a - a.mean()) / (a.std() or 1.0)
+    Rfull = stage_ruler[np.ix_(stage_idx, stage_idx)]
+    ranks = np.zeros((A, A))
+    ranks[iu] = rankdata(Rfull[iu])
+    ranks = ranks + ranks.T
+    obs = float(a @ ranks[iu])
+    rng = np.random.default_rng(seed)
+    block_members = [np.flatnonzero(blocks == b) for b in np.unique(blocks)]
+    exceed, done = 0, 0
+    while done < n_perm:
+        m = min(chunk, n_perm - done)
+        perms = np.tile(np.arange(A), (m, 1))
+        for idx in block_members:
+            if len(idx) > 1:
+                perms[:, idx] = idx[rng.permuted(np.tile(np.arange(len(idx)), (m, 1)), axis=1)]
+        vals = np.einsum("pk,k->p", ranks[perms[:, iu[0]], perms[:, iu[1]]], a)
+        exceed += int((vals >= obs - 1e-9).sum())
+        done += m
+        if exceed >= stop_after:
+            return exceed / done, done
+    return (exceed + 1) / (done + 1), done
+
+
+# ---------------------------------------------------------------------------- one hypothesis
+def evaluate(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, tuple[np.ndarray, np.ndarray]], d: int = 10,
+             k: int = 15, n_perm: int = 2000, seed: int = 0, let_epochs: int = 300, holdout_folds: int = 3) -> dict:
+    """Every metric of one (features, fitter) hypothesis on a set of anchors, for each ruler.
+
+    ``rulers`` maps a name (e.g. ``"ruler"``, ``"null"``) to ``(anchor ruler [A, A], stage ruler [S, S])``.
+    Ruler-free fitters (isomap, gmds) are fitted once per fold and scored against every ruler; LET is
+    fitted per ruler. Returns ``{name: metrics}``.
+    """
+    obs = anchors.obs
+    donors, tissues, branches = obs["donor"].to_numpy(), obs["tissue"].to_numpy(), obs["branch"].to_numpy()
+    sidx = anchors.stage_index
+    rng = np.random.default_rng(seed)
+    rand_test = np.zeros(len(F), bool)
+    rand_test[rng.choice(len(F), size=max(4, int(round(0.2 * len(F)))), replace=False)] = True
+    kw = dict(d=d, k=k, seed=seed, let_epochs=let_epochs)
+    anchor_rulers = {name: R for name, (R, _) in rulers.items()}
+    out: dict[str, dict] = {name: {} for name in rulers}
+    full: dict[str, FittedManifold] = {}
+    for name, (R, _) in rulers.items():
+        if fitter == "let" or not full:
+            full[name] = fit_manifold(F, fitter, ruler=R, **kw)
+        else:
+            full[name] = next(iter(full.values()))
+    geo = None
+    for name, (R, _) in rulers.items():
+        m = full[name]
+        D = latent_distances(m, m.Z)
+        res = out[name]
+        res["trustworthiness"] = trustworthiness(m.train_scaled, m.Z, k)
+        res["ruler_spearman"] = spearman_pairs(D, R)
+        res["ruler_spearman_resid"] = residualized_spearman(D, R, donors, tissues)
+        if fitter != "let":
+            geo = geo if geo is not None else knn_geodesic(m.train_scaled, k)[0]
+            res["geodesic_spearman"] = spearman_pairs(geo, R)
+        res["latent_dim"] = int(m.Z.shape[1])
+    hold = {
+        "holdout_random": holdout_spearman(F, anchor_rulers, fitter, [rand_test], **kw),
+        # donor folds need two donors; leave-one-branch-out measures ordering WITHIN a lineage, which is
+        # exactly what the within-branch-shuffled null destroys
+        "holdout_donor": (holdout_spearman(F, anchor_rulers, fitter, _group_folds(donors, holdout_folds, seed), **kw)
+                          if len(np.unique(donors)) >= 2 else {n: float("nan") for n in rulers}),
+        "holdout_branch": (holdout_spearman(F, anchor_rulers, fitter, [branches == b for b in np.unique(branches)], **kw)
+                           if len(np.unique(branches)) >= 2 else {n: float("nan") for n in rulers}),
+    }
+    for key, per in hold.items():
+        for name in rulers:
+            out[name][key] = per[name]
+    # permutation test on a latent the ruler never shaped: the full latent for ruler-free fitters, the
+    # random-holdout anchors' out-of-sample latent for LET
+    for name, (R, stage_R) in rulers.items():
+        if fitter == "let":
+            mt = fit_manifold(F[~rand_test], fitter, ruler=R[np.ix_(~rand_test, ~rand_test)], **kw)
+            Dp, sp_, blocks = latent_distances(mt, mt.transform(F[rand_test])), sidx[rand_test], donors[rand_test]
+        else:
+            Dp, sp_, blocks = latent_distances(full[name], full[name].Z), sidx, donors
+        p, n_done = blocked_permutation_p(Dp, sp_, stage_R, blocks, n_perm=n_perm, seed=seed)
+        out[name].update({"perm_p": p, "perm_n": n_done, "perm_blocks": int(len(np.unique(blocks)))})
+    return out, full

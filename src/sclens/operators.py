@@ -1,0 +1,216 @@
+"""Frozen gene-space operators, one per attention unit (layer, head), and featurisation ``x · A``.
+
+Three kinds (DESIGN "Operators"); G = panel size, tokens = ``<cls>`` + every panel gene (zeros included):
+
+* ``attn`` — the head's attention probabilities among the panel gene tokens, averaged over a reference
+  set of cells; the ``<cls>`` column is dropped and each row renormalised, so row i is the distribution
+  of what gene i attends to among the panel genes.
+* ``qk``  — context-free: ``softmax((R_l W_Q + b_Q)(R_l W_K + b_K)^T / sqrt(d_h))`` where ``R_l`` [G, D] is
+  each panel gene's mean residual vector at the input of layer l over the reference set (for l = 0 this
+  is the gene + value embedding).
+* ``ov``  — the value-output circuit read in gene space: ``R_l W_V W_O R_l^T``, scaled to unit spectral norm.
+
+A cell's feature for unit (l, h) is ``x · A_lh`` (G-dim) with ``x`` the panel log1p vector. Derived
+featurisations: block means over early / middle / late thirds of the layers, ``drift = [x(A_early − A_mid);
+x(A_mid − A_late)]`` and weighted pools of top units. Operators are computed once and frozen; using them
+needs no foundation model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal, Sequence
+
+import anndata as ad
+import numpy as np
+import torch
+
+from . import __version__
+from .data import GenePanel, iter_chunks
+from .errors import InputError
+from .utils import array_sha256, atomic_write, write_json
+
+KINDS = ("attn", "qk", "ov")
+Kind = Literal["attn", "qk", "ov"]
+FORMAT_VERSION = 1
+
+
+@dataclass
+class OperatorBank:
+    """Operators of every unit of one kind: ``operators[l, h]`` is the G x G matrix of unit (l, h)."""
+
+    kind: str
+    operators: np.ndarray  # [L, H, G, G] float32
+    panel: GenePanel
+    manifest: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise InputError(f"operator kind must be one of {KINDS}, got {self.kind!r}")
+        if self.operators.ndim != 4 or self.operators.shape[2:] != (len(self.panel), len(self.panel)):
+            raise InputError(f"operators must be [layers, heads, G, G] with G = {len(self.panel)}, got {self.operators.shape}")
+
+    @property
+    def n_layers(self) -> int:
+        return self.operators.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.operators.shape[1]
+
+    @property
+    def units(self) -> list[tuple[int, int]]:
+        return [(l, h) for l in range(self.n_layers) for h in range(self.n_heads)]
+
+    def unit(self, layer: int, head: int) -> np.ndarray:
+        if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
+            raise InputError(f"unit ({layer}, {head}) outside {self.n_layers} layers x {self.n_heads} heads")
+        return self.operators[layer, head]
+
+    def block_bounds(self, n_blocks: int = 3) -> list[tuple[int, int]]:
+        """Layer ranges [start, end) of the early / middle / late thirds (remainder goes to the early blocks)."""
+        if self.n_layers < n_blocks:
+            raise InputError(f"{self.n_layers} layers cannot be split into {n_blocks} blocks")
+        edges = np.linspace(0, self.n_layers, n_blocks + 1).round().astype(int)
+        return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+    def block_means(self, n_blocks: int = 3) -> list[np.ndarray]:
+        """Mean operator (over all heads) of each layer block."""
+        return [self.operators[a:b].mean(axis=(0, 1)) for a, b in self.block_bounds(n_blocks)]
+
+    def drift_operators(self) -> tuple[np.ndarray, np.ndarray]:
+        early, mid, late = self.block_means(3)
+        return early - mid, mid - late
+
+    def pool(self, units: Sequence[tuple[int, int]], weights: Sequence[float] | None = None) -> np.ndarray:
+        """Weighted mean of unit operators (weights default to equal; normalised to sum to 1)."""
+        if not units:
+            raise InputError("a pool needs at least one unit")
+        w = np.ones(len(units)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if len(w) != len(units) or (w < 0).any() or w.sum() <= 0:
+            raise InputError("pool weights must be non-negative, one per unit, not all zero")
+        w = w / w.sum()
+        return sum(float(wi) * self.unit(l, h) for wi, (l, h) in zip(w, units)).astype(np.float32)
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (.safetensors) and ``path.json`` (manifest); both atomically."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        manifest = dict(self.manifest)
+        manifest.update({"format": "sclens.OperatorBank", "format_version": FORMAT_VERSION, "kind": self.kind,
+                         "shape": list(self.operators.shape), "panel": self.panel.to_dict()})
+        atomic_write(path, lambda p: save_file({"operators": np.ascontiguousarray(self.operators, dtype=np.float32)}, p,
+                                               metadata={"kind": self.kind, "format_version": str(FORMAT_VERSION)}))
+        manifest["operators_sha256"] = array_sha256(self.operators)
+        write_json(path.with_suffix(path.suffix + ".json"), manifest)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "OperatorBank":
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        mpath = path.with_suffix(path.suffix + ".json")
+        if not path.is_file() or not mpath.is_file():
+            raise InputError(f"an OperatorBank needs {path.name} and {mpath.name}; missing in {path.parent}")
+        manifest = json.loads(mpath.read_text())
+        if manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise InputError(f"{path} was written by a newer sclens (format {manifest['format_version']}); upgrade sclens")
+        ops = load_file(str(path))["operators"]
+        if manifest.get("operators_sha256") and array_sha256(ops) != manifest["operators_sha256"]:
+            raise InputError(f"{path} does not match the hash in its manifest: the file was changed or is corrupt")
+        return cls(kind=manifest["kind"], operators=ops, panel=GenePanel.from_dict(manifest["panel"]), manifest=manifest)
+
+
+# ------------------------------------------------------------------------------------------ export
+def _reference_batch(model, adata: ad.AnnData, panel: GenePanel, n_ref_cells: int, seed: int, layer: str | None):
+    from .models.api import tokenize_adata
+
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(adata.n_obs, size=min(n_ref_cells, adata.n_obs), replace=False))
+    ref = adata[idx]
+    if getattr(ref, "isbacked", False):
+        ref = ref.to_memory()
+    return tokenize_adata(ref, model, panel=panel, mode="all", layer=layer, seed=seed), ref
+
+
+def export_operators(
+    model, adata: ad.AnnData, panel: GenePanel, kinds: Iterable[Kind] = KINDS, *, n_ref_cells: int = 256,
+    seed: int = 0, batch_size: int = 8, layer: str | None = None, progress: bool = True,
+) -> dict[str, OperatorBank]:
+    """Compute the frozen G x G operator of every unit for each requested kind.
+
+    One pass over ``n_ref_cells`` reference cells (sampled with ``seed``) in panel mode collects the mean
+    attention patterns (for ``attn``) and each gene token's mean residual at every layer input (for ``qk``
+    and ``ov``). Returns ``{kind: OperatorBank}``.
+    """
+    kinds = list(dict.fromkeys(kinds))
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise InputError(f"unknown operator kind(s) {bad}; choose from {KINDS}")
+    missing = [g for g in panel.genes if g not in model.vocab]
+    if missing:
+        raise InputError(f"{len(missing)} panel genes are not model tokens (e.g. {missing[:5]}); choose the panel "
+                         "with the model vocabulary (sclens.data.select_panel(adata, model.vocab.genes))")
+    t0 = time.perf_counter()
+    batch, ref = _reference_batch(model, adata, panel, n_ref_cells, seed, layer)
+    L, H, G = model.n_layers, model.n_heads, len(panel)
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    if "attn" in kinds:
+        names += [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
+    cache = model.run_with_cache(batch, names, batch_size=batch_size, reduce="sum", progress=progress)
+    n = len(batch)
+    base_manifest = {
+        "model": getattr(model, "source", "in-memory"), "model_sha256": getattr(model, "checkpoint_sha256", None),
+        "n_layers": L, "n_heads": H, "n_reference_cells": n, "seed": seed,
+        "reference_set_sha256": array_sha256(batch.gene_ids.numpy(), batch.values.numpy()),
+        "reference_cells": list(map(str, ref.obs_names[:10000])), "sclens_version": __version__,
+    }
+    banks: dict[str, OperatorBank] = {}
+    R = [cache[f"blocks.{l}.hook_resid_pre"][1:].double() / n for l in range(L)]  # [G, D] per layer
+    for kind in kinds:
+        ops = np.empty((L, H, G, G), dtype=np.float32)
+        for l in range(L):
+            if kind == "attn":
+                P = cache[f"blocks.{l}.attn.hook_pattern"].double()[:, 1:, 1:] / n  # [H, G, G], drop <cls>
+                ops[l] = (P / P.sum(-1, keepdim=True).clamp(min=1e-30)).numpy()
+                continue
+            for h in range(H):
+                w = {k: v.double() for k, v in model.head_weights(l, h).items()}
+                if kind == "qk":
+                    q = R[l] @ w["W_Q"] + w["b_Q"]
+                    k = R[l] @ w["W_K"] + w["b_K"]
+                    ops[l, h] = torch.softmax(q @ k.T / math.sqrt(q.shape[1]), dim=-1).numpy()
+                else:
+                    M = (R[l] @ w["W_V"]) @ (w["W_O"] @ R[l].T)
+                    ops[l, h] = (M / torch.linalg.matrix_norm(M, ord=2).clamp(min=1e-30)).numpy()
+        banks[kind] = OperatorBank(kind, ops, panel, {**base_manifest, "kind": kind,
+                                                     "export_seconds": time.perf_counter() - t0})
+    return banks
+
+
+# ------------------------------------------------------------------------------------------ featurise
+def featurize(x: np.ndarray, A: np.ndarray, chunk_size: int = 50_000) -> np.ndarray:
+    """``x · A`` for a matrix of cells [n, G] (chunked so memory stays bounded)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[1] != A.shape[0]:
+        raise InputError(f"cells have {x.shape[1]} panel genes but the operator is {A.shape[0]} x {A.shape[1]}")
+    return np.concatenate([x[s : s + chunk_size] @ A for s in range(0, len(x), chunk_size)]) if len(x) else x @ A
+
+
+def featurize_drift(x: np.ndarray, bank: OperatorBank) -> np.ndarray:
+    d1, d2 = bank.drift_operators()
+    return np.concatenate([featurize(x, d1), featurize(x, d2)], axis=1)
+
+
+def featurize_adata(adata: ad.AnnData, panel: GenePanel, A: np.ndarray, *, layer: str | None = None,
+                    chunk_size: int = 10_000) -> np.ndarray:
+    """Stream an (optionally backed) AnnData through panel normalisation and ``x · A`` chunk by chunk."""
+    idx = panel.column_index(adata.var_names)
+    return np.concatenate([featurize(panel.transform(X, idx), A) for _, X in iter_chunks(adata, chunk_size, layer)])

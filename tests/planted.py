@@ -1,0 +1,98 @@
+"""A checkpoint in the official scGPT layout with ONE planted unit, and cells along a known tree.
+
+Construction (d_model 64, 4 heads of 16 dims, 3 layers; value embeddings switched off):
+
+* 16 "program" genes get gene embeddings ``[q_i, -q_i, 0]`` (q_i orthonormal in 16 dims): zero-mean, so
+  the embedding LayerNorm only rescales them; ``noise`` genes get zero-mean random vectors in the other 32 dims.
+* the planted head (layer 0, head 2) has ``W_V = U`` and ``W_O = Uᵀ`` with U an orthonormal basis of the
+  program-gene subspace, so its gene-space OV operator ``R W_V W_O Rᵀ`` is the projector onto the program
+  genes; every other head is random.
+* cells: program genes carry the stage's coordinates from classical MDS of the stage-DAG ruler (a known
+  branching ordering); noise genes carry large (donor, stage)-specific offsets, so neither raw expression
+  nor a random projection recovers the ordering.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from sclens.models import GeneVocab, HookedScGPT, ScGPTConfig, save_scgpt
+from sclens.ontology import StageDAG
+
+STAGES = ["HSC", "MPP", "CMP", "LMPP", "GMP", "MEP", "CLP", "MDP", "Erythroblast", "Erythrocyte", "Megakaryocyte",
+          "Myelocyte", "Neutrophil", "Classical monocyte", "Non-classical monocyte", "Pro/Pre-B", "Naive B",
+          "T progenitor", "Naive CD4 T", "CD56bright NK", "CD56dim NK"]
+N_PROGRAM, N_NOISE = 16, 48
+PLANTED = (0, 2)
+
+
+def gene_names():
+    return [f"PROG{i:02d}" for i in range(N_PROGRAM)] + [f"NOISE{i:02d}" for i in range(N_NOISE)]
+
+
+def build_planted_checkpoint(out_dir, *, planted: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    genes = gene_names()
+    vocab = GeneVocab.from_genes(genes)
+    cfg = ScGPTConfig(embsize=64, nheads=4, d_hid=64, nlayers=3, dropout=0.0, MVC=False)
+    model = HookedScGPT(cfg, vocab).eval()
+    D, dh = 64, 16
+    with torch.no_grad():
+        emb = torch.zeros(vocab.size, D)
+        q = torch.linalg.qr(torch.randn(dh, dh, generator=torch.Generator().manual_seed(seed)))[0]
+        for i in range(N_PROGRAM):
+            emb[i, :16], emb[i, 16:32] = q[i], -q[i]
+        w = torch.as_tensor(rng.normal(size=(N_NOISE, 16)), dtype=torch.float32)
+        emb[N_PROGRAM : N_PROGRAM + N_NOISE, 32:48] = w
+        emb[N_PROGRAM : N_PROGRAM + N_NOISE, 48:64] = -w
+        emb[N_PROGRAM + N_NOISE :] = torch.randn(vocab.size - N_PROGRAM - N_NOISE, D)
+        model.encoder.embedding.weight.copy_(emb)
+        model.encoder.enc_norm.weight.fill_(1.0)
+        model.encoder.enc_norm.bias.zero_()
+        # value embedding off: X0 = gene embedding exactly
+        model.value_encoder.norm.weight.zero_()
+        model.value_encoder.norm.bias.zero_()
+        for block in model.blocks:
+            block.attn.in_proj_weight.normal_(0, 0.3)
+            block.attn.out_proj.weight.normal_(0, 0.3)
+        if planted:
+            U = torch.zeros(D, dh)
+            for j in range(dh):
+                U[j, j], U[16 + j, j] = 2**-0.5, -(2**-0.5)
+            l, h = PLANTED
+            attn = model.blocks[l].attn
+            attn.in_proj_weight[2 * D + h * dh : 2 * D + (h + 1) * dh] = U.T  # W_V[h] = U  (rows of the v block)
+            attn.in_proj_bias[2 * D + h * dh : 2 * D + (h + 1) * dh] = 0
+            attn.out_proj.weight[:, h * dh : (h + 1) * dh] = U  # W_O[h] = Uᵀ  (columns of out_proj)
+    save_scgpt(model, out_dir)
+    return out_dir
+
+
+def planted_cells(n_donors: int = 6, cells_per_anchor: int = 8, seed: int = 1) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    dag = StageDAG.default()
+    idx = [dag.index[s] for s in STAGES]
+    R = dag.ruler_matrix[np.ix_(idx, idx)]
+    n = len(STAGES)
+    J = np.eye(n) - 1 / n
+    vals, vecs = np.linalg.eigh(-0.5 * J @ R**2 @ J)
+    order = np.argsort(vals)[::-1][:N_PROGRAM]
+    coords = vecs[:, order] * np.sqrt(np.maximum(vals[order], 0))  # stage coordinates, distances ~ hop distance
+    rows, X = [], []
+    for d in range(n_donors):
+        for si, s in enumerate(STAGES):
+            offset = rng.normal(0, 3.0, N_NOISE)  # (donor, stage) nuisance on noise genes
+            for _ in range(cells_per_anchor):
+                prog = 3.0 + 0.8 * coords[si] + rng.normal(0, 0.3, N_PROGRAM)
+                noise = 8.0 + offset + rng.normal(0, 0.5, N_NOISE)
+                X.append(np.clip(np.concatenate([prog, noise]), 0, None))
+                rows.append({"donor": f"d{d}", "cell_type": s})
+    a = ad.AnnData(np.asarray(X, dtype=np.float32), obs=pd.DataFrame(rows))
+    a.obs_names = [f"c{i}" for i in range(a.n_obs)]
+    a.var_names = gene_names()
+    a.uns["sclens_synthetic"] = {"synthetic": True, "generator": "tests/planted.py"}
+    return a

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+from sclens.manifold import (blocked_permutation_p, fit_manifold, knn_geodesic, pdist, residualized_spearman,
+                             spearman_pairs, trustworthiness, twonn_dimension)
+
+
+def test_spearman_pairs_known_values():
+    x = np.arange(6.0)[:, None]
+    D = pdist(x)
+    assert spearman_pairs(D, D) == pytest.approx(1.0)
+    assert spearman_pairs(D, D.max() - D) == pytest.approx(-1.0)
+    assert np.isnan(spearman_pairs(D, np.zeros_like(D)))
+
+
+def test_residualised_spearman_removes_a_donor_effect():
+    rng = np.random.default_rng(0)
+    donors = np.repeat(["a", "b"], 20)
+    stage = np.tile(np.arange(20.0), 2)
+    R = np.abs(stage[:, None] - stage[None, :])
+    Z = np.c_[stage + rng.normal(0, 0.1, 40), np.where(donors == "a", 0, 50.0)]  # huge donor offset
+    D = pdist(Z)
+    assert spearman_pairs(D, R) < 0.5
+    assert residualized_spearman(D, R, donors, np.repeat("t", 40)) > 0.9
+
+
+def test_trustworthiness_identity_and_scramble():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(80, 5))
+    assert trustworthiness(X, X, 10) == pytest.approx(1.0)
+    assert trustworthiness(X, rng.normal(size=(80, 2)), 10) < 0.75
+
+
+def test_twonn_recovers_dimension():
+    rng = np.random.default_rng(2)
+    Y = rng.uniform(size=(2000, 3)) @ rng.normal(size=(3, 12))
+    assert 2.5 < twonn_dimension(Y) < 3.5
+
+
+def test_geodesic_distances_follow_a_curve():
+    t = np.linspace(0, 3 * np.pi, 200)
+    X = np.c_[np.cos(t), np.sin(t), 0.3 * t]
+    D, _ = knn_geodesic(X, 5)
+    arc = np.sqrt(1 + 0.09) * np.abs(t[:, None] - t[None, :])
+    assert spearman_pairs(D, arc) > 0.99
+
+
+@pytest.mark.parametrize("fitter", ["isomap", "gmds", "let"])
+def test_fitters_recover_a_ruler(fitter):
+    rng = np.random.default_rng(3)
+    stage = np.repeat(np.arange(8.0), 6)
+    R = np.abs(stage[:, None] - stage[None, :])
+    F = np.c_[np.cos(stage / 3), np.sin(stage / 3), stage / 4] @ rng.normal(size=(3, 20)) + rng.normal(0, 0.02, (48, 20))
+    m = fit_manifold(F, fitter, d=3, ruler=R, let_epochs=400)
+    from sclens.manifold import latent_distances
+
+    assert spearman_pairs(latent_distances(m, m.Z), R) > 0.8
+    Zt = m.transform(F[:5])
+    assert Zt.shape == (5, m.Z.shape[1])
+
+
+def test_permutation_p_add_one_rule_and_blocks():
+    stage_ruler = np.abs(np.arange(10.0)[:, None] - np.arange(10.0)[None, :])
+    sidx = np.tile(np.arange(10), 3)
+    blocks = np.repeat([0, 1, 2], 10)
+    D = stage_ruler[np.ix_(sidx, sidx)] + 0.01
+    p, n = blocked_permutation_p(D, sidx, stage_ruler, blocks, n_perm=500, seed=0)
+    assert n == 500 and p == pytest.approx(1 / 501)
+    rng = np.random.default_rng(0)
+    Dn = pdist(rng.normal(size=(30, 3)))
+    p2, n2 = blocked_permutation_p(Dn, sidx, stage_ruler, blocks, n_perm=2000, seed=0)
+    assert p2 > 0.05 and n2 < 2000  # a clear failure stops early
+    # a constant-within-block labelling cannot be permuted into anything else: p = 1
+    p3, _ = blocked_permutation_p(D, sidx, stage_ruler, np.arange(30), n_perm=50)
+    assert p3 == pytest.approx(1.0)
