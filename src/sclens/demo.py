@@ -2,13 +2,16 @@
 
 Stages run (each prints what it does and lands in ``report.json`` + PNG figures in the output folder):
 
-1. **model**   load the embedded default scGPT-architecture model; check it against the official layout rules
-2. **data**    real PBMC cells (scanpy's bundled set, counts rebuilt) and a SYNTHETIC multi-donor
-               hematopoiesis; validation, gene panel (HVG among vocabulary genes), stage mapping
-3. **embed**   official-style cell embeddings; how well they separate cell types (kNN, 5-fold), beside PCA
-4. **heads**   panel-mode run with hooks on every layer: per-head attention entropy and top attended genes
-5. **pretrain** a small scGPT model trained from scratch on the synthetic cells, written in the official
-               layout and read back through the same loader
+1. **model**    load the embedded default scGPT-architecture model
+2. **data**     real PBMC cells (scanpy's bundled set, counts rebuilt) and a SYNTHETIC multi-donor
+                hematopoiesis; validation, gene panel (HVG among vocabulary genes), stage mapping
+3. **embed**    official-style cell embeddings (CLS) and masked mean-pooling; how well they separate cell
+                types (kNN, 5-fold), beside PCA of log1p expression
+4. **heads**    panel-mode run with hooks on every layer: per-head attention entropy and top attended genes
+5. **screen**   gene-space operators (attn / qk / ov) of all units, donor x tissue x cell-type anchors, and
+                the gated unit screen (Isomap and geodesic MDS; the full screen adds LET - `sclens screen`)
+6. **pretrain** a small scGPT model trained from scratch on the synthetic cells, written in the official
+                layout and read back through the same loader
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     t_all = time.perf_counter()
 
     # 1. model -------------------------------------------------------------------------------
-    con.rule("[bold]1/5 model")
+    con.rule("[bold]1/6 model")
     t = time.perf_counter()
     model = load_default_model()
     log_path = Path(str(default_model_dir())) / "training_log.json"
@@ -124,7 +127,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["model"] = time.perf_counter() - t
 
     # 2. data --------------------------------------------------------------------------------
-    con.rule("[bold]2/5 data")
+    con.rule("[bold]2/6 data")
     t = time.perf_counter()
     dag = StageDAG.default()
     pbmc = pbmc68k()
@@ -146,12 +149,15 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["data"] = time.perf_counter() - t
 
     # 3. embeddings --------------------------------------------------------------------------
-    con.rule("[bold]3/5 cell embeddings")
+    con.rule("[bold]3/6 cell embeddings")
     t = time.perf_counter()
     emb_rep = {}
-    for name, a in (("pbmc68k", pbmc), ("simulated_hematopoiesis", sim)):
+    sim_sub = sim[np.sort(np.random.default_rng(seed).choice(sim.n_obs, size=min(sim.n_obs, 300 if quick else 600),
+                                                                 replace=False))].copy()
+    for name, a in (("pbmc68k", pbmc), ("simulated_hematopoiesis", sim_sub)):
         batch = tokenize_adata(a, model, seed=seed)
-        E = model.cell_embeddings(batch, batch_size=64, progress=True)
+        both = model.cell_embeddings(batch, batch_size=64, progress=True, mode=("cls", "avg"))
+        E, E_avg = both["cls"], both["avg"]
         from .data import log_normalize
 
         X = log_normalize(a.X)
@@ -159,20 +165,22 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
         P = PCA(n_components=min(50, X.shape[1] - 1), random_state=seed).fit_transform(X)
         labels = a.obs["cell_type"].astype(str).to_numpy()
         acc_emb, acc_pca = _knn_accuracy(E, labels, seed), _knn_accuracy(P, labels, seed)
+        acc_avg = _knn_accuracy(E_avg, labels, seed)
         E2 = PCA(n_components=2, random_state=seed).fit_transform(E)
         fig = _scatter(E2, labels, f"{name}: default-model cell embeddings (PCA of CLS)"
                        + (" - SYNTHETIC" if name.startswith("sim") else ""), out / f"embedding_{name}.png")
         report["figures"][f"embedding_{name}"] = fig.name
         emb_rep[name] = {"n_cells": int(E.shape[0]), "knn15_balanced_accuracy_embedding": acc_emb,
+                         "knn15_balanced_accuracy_avgpool": acc_avg,
                          "knn15_balanced_accuracy_pca50_log1p": acc_pca, "mean_tokens_per_cell":
                          float((~batch.padding_mask).sum(1).float().mean())}
         con.print(f"[cyan]{name}[/]: kNN(15) balanced accuracy of cell types, 5-fold: "
-                  f"model embedding {acc_emb:.3f} vs PCA-50 of log1p {acc_pca:.3f}")
+                  f"model CLS embedding {acc_emb:.3f}, mean-pooled {acc_avg:.3f}, PCA-50 of log1p {acc_pca:.3f}")
     report["stages"]["embeddings"] = emb_rep
     report["timings_s"]["embeddings"] = time.perf_counter() - t
 
     # 4. attention heads ---------------------------------------------------------------------
-    con.rule("[bold]4/5 attention heads (hooks)")
+    con.rule("[bold]4/6 attention heads (hooks)")
     t = time.perf_counter()
     panel = select_panel(sim, model.vocab.genes, n_genes=300 if quick else 600)
     rng = np.random.default_rng(seed)
@@ -206,8 +214,41 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
               f"{', '.join(top_genes[f'L{focused[0]}H{focused[1]}'][:5])}")
     report["timings_s"]["heads"] = time.perf_counter() - t
 
-    # 5. pretraining -------------------------------------------------------------------------
-    con.rule("[bold]5/5 pretraining (masked expression)")
+    # 5. operators + screen ------------------------------------------------------------------
+    con.rule("[bold]5/6 operators and gated unit screen")
+    t = time.perf_counter()
+    from .anchors import build_anchors
+    from .operators import export_operators
+    from .screen import screen
+
+    spanel = select_panel(sim, model.vocab.genes, n_genes=150 if quick else 300)
+    banks = export_operators(model, sim, spanel, n_ref_cells=32 if quick else 64, seed=seed)
+    anchors = build_anchors(sim, spanel, label_key="cell_type", donor_key="donor", tissue_key="tissue", seed=seed)
+    con.print(f"exported {len(banks)} x {cfg.nlayers * cfg.nheads} operators ({len(spanel)} x {len(spanel)}); "
+              f"{len(anchors)} anchors (donor x tissue x cell type, >= 5 cells) on {anchors.info['n_stages']} stages")
+    rep = screen(banks, anchors, fitters=["isomap", "gmds"], seed=seed, n_jobs=2, cache_dir=out / "screen" / "cache")
+    rep.save(out / "screen", anchors, banks)
+    top = rep.top
+    for k, v in json.loads((out / "screen" / "screen_report.json").read_text())["figures"].items():
+        report["figures"][k] = f"screen/{v}"
+    report["stages"]["screen"] = {
+        "data": "SYNTHETIC (simulate_hematopoiesis)", "panel_genes": len(spanel), "anchors": len(anchors),
+        "fitters": ["isomap", "gmds"], "n_hypotheses": len(rep.table), "n_passing": int(rep.table["passes_all"].sum()),
+        "gates_sha256": rep.gates_sha256, "wall_seconds": rep.info["wall_seconds"],
+        "top": {c: (top[c].item() if hasattr(top[c], "item") else top[c]) for c in
+                ("featurisation", "layer", "head", "fitter", "trustworthiness", "ruler_spearman_resid",
+                 "holdout_random", "holdout_donor", "holdout_branch", "perm_p", "q", "passes_gates", "null_passes",
+                 "passes_all")},
+        "report_dir": "screen",
+    }
+    unit = "" if top["layer"] < 0 else f" L{int(top['layer'])}H{int(top['head'])}"
+    con.print(f"{len(rep.table)} hypotheses; {int(rep.table['passes_all'].sum())} pass every gate with the null failing. "
+              f"Top: {top['featurisation']}{unit} {top['fitter']} (resid. Spearman {top['ruler_spearman_resid']:.3f}, "
+              f"branch holdout {top['holdout_branch']:.3f}, null passes: {bool(top['null_passes'])})")
+    report["timings_s"]["screen"] = time.perf_counter() - t
+
+    # 6. pretraining -------------------------------------------------------------------------
+    con.rule("[bold]6/6 pretraining (masked expression)")
     t = time.perf_counter()
     pcfg = PretrainConfig(n_layers=2, n_heads=4, d_model=64, d_hid=128, train_seq_len=96, batch_size=16,
                           steps=40 if quick else 200, warmup_steps=10, eval_every=20 if quick else 50,

@@ -163,7 +163,7 @@ class LETModel:
             loss.backward()
             opt.step()
         self.W, self.b, self.beta = W.detach().numpy(), b.detach().numpy(), float(log_beta.detach().exp())
-        self.final_fit_loss = float(fit)
+        self.final_fit_loss = float(fit.detach())
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:

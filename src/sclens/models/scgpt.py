@@ -276,21 +276,28 @@ class HookedScGPT(HookedRootModule):
 
     @torch.no_grad()
     def cell_embeddings(
-        self, batch: TokenBatch, *, mode: str = "cls", normalize: bool = True, batch_size: int = 64,
+        self, batch: TokenBatch, *, mode: str | tuple[str, ...] = "cls", normalize: bool = True, batch_size: int = 64,
         progress: bool = False,
-    ) -> np.ndarray:
-        """Cell embeddings [N, D]; CLS + L2 normalisation reproduces the official ``embed_data``."""
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        """Cell embeddings [N, D]; CLS + L2 normalisation reproduces the official ``embed_data``.
+
+        ``mode`` may be a tuple such as ``("cls", "avg")``: one forward pass, a dict of embeddings back.
+        """
+        modes = (mode,) if isinstance(mode, str) else tuple(mode)
         was_training = self.training
         self.eval()
-        out = []
+        out: dict[str, list] = {m: [] for m in modes}
         for start in tqdm(range(0, len(batch), batch_size), disable=not progress, desc="embedding cells", unit="batch"):
             b = batch[start : start + batch_size].to(self.device)
-            emb = self.pool(self(b.gene_ids, b.values, b.padding_mask), b.padding_mask, mode)
-            if normalize:
-                emb = emb / emb.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-            out.append(emb.float().cpu())
+            hidden = self(b.gene_ids, b.values, b.padding_mask)
+            for m in modes:
+                emb = self.pool(hidden, b.padding_mask, m)
+                if normalize:
+                    emb = emb / emb.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+                out[m].append(emb.float().cpu())
         self.train(was_training)
-        return torch.cat(out).numpy()
+        res = {m: torch.cat(v).numpy() for m, v in out.items()}
+        return res[mode] if isinstance(mode, str) else res
 
     # ------------------------------------------------------------------ caching
     @torch.no_grad()

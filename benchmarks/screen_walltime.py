@@ -1,0 +1,80 @@
+"""Wall time of the full unit screen (every unit x attn/qk/ov x isomap/gmds/let, + drift + raw) on 2 cores.
+
+Cases:
+  default   the embedded default model (6 x 8 = 48 units), SYNTHETIC hematopoiesis, panel 1,200 genes
+  human     a whole-human-sized random scGPT (12 x 8 = 96 units, d 512), ~600 anchors, panel 1,200 genes
+
+    python benchmarks/screen_walltime.py --case default [--kinds attn,qk,ov] [--n-jobs 2]
+
+Writes benchmarks/results/screen_walltime_<case>.json with the wall time of each phase (export, anchors,
+screen), the mean seconds per hypothesis for each fitter (both rulers), and the number of hypotheses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", choices=["default", "human"], required=True)
+    ap.add_argument("--kinds", default="attn,qk,ov")
+    ap.add_argument("--fitters", default="isomap,gmds,let")
+    ap.add_argument("--n-jobs", type=int, default=2)
+    ap.add_argument("--n-genes", type=int, default=1200)
+    ap.add_argument("--n-ref-cells", type=int, default=64)
+    args = ap.parse_args()
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(2)
+    from sclens.anchors import build_anchors
+    from sclens.data import select_panel
+    from sclens.datasets import simulate_hematopoiesis
+    from sclens.models import GeneVocab, HookedScGPT, ScGPTConfig, load_default_model
+    from sclens.operators import export_operators
+    from sclens.screen import screen
+
+    phases = {}
+    t = time.perf_counter()
+    if args.case == "default":
+        model = load_default_model()
+        sim = simulate_hematopoiesis(12, 600, seed=0, vocabulary=model.vocab.genes)
+    else:
+        sim = simulate_hematopoiesis(24, 1000, seed=0)
+        torch.manual_seed(0)
+        vocab = GeneVocab.from_genes(list(sim.var_names) + [f"FILLER{i}" for i in range(60694 - sim.n_vars)])
+        model = HookedScGPT(ScGPTConfig(embsize=512, nheads=8, d_hid=512, nlayers=12, dropout=0.0), vocab).eval()
+    panel = select_panel(sim, model.vocab.genes, n_genes=args.n_genes)
+    phases["data_and_panel_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    banks = export_operators(model, sim, panel, args.kinds.split(","), n_ref_cells=args.n_ref_cells, progress=False)
+    phases["export_operators_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    anchors = build_anchors(sim, panel, label_key="cell_type", donor_key="donor", tissue_key="tissue")
+    phases["anchors_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rep = screen(banks, anchors, fitters=args.fitters.split(","), n_jobs=args.n_jobs, progress=True)
+    phases["screen_s"] = time.perf_counter() - t
+    per_fitter = rep.table.groupby("fitter")["seconds"].agg(["mean", "sum", "count"]).to_dict(orient="index")
+    result = {
+        "case": args.case, "synthetic": True, "units": model.n_layers * model.n_heads, "kinds": args.kinds.split(","),
+        "fitters": args.fitters.split(","), "panel_genes": len(panel), "anchors": len(anchors),
+        "n_hypotheses": len(rep.table), "n_jobs": args.n_jobs, "phases": phases,
+        "total_s": sum(phases.values()), "seconds_per_hypothesis_by_fitter (both rulers, one core)": per_fitter,
+        "n_passing": int(rep.table["passes_all"].sum()),
+        "top": rep.table.head(3)[["featurisation", "layer", "head", "fitter", "ruler_spearman_resid",
+                                  "passes_all"]].to_dict(orient="records"),
+    }
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"screen_walltime_{args.case}.json").write_text(json.dumps(result, indent=1, default=float))
+    print(json.dumps(result, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
