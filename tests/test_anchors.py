@@ -45,3 +45,13 @@ def test_errors(sim_small):
     s.obs["junk"] = "x"
     with pytest.raises(InputError, match="no label"):
         build_anchors(s, panel, label_key="junk")
+
+
+def test_pseudo_replicates_split_groups(sim_small):
+    panel = select_panel(sim_small, None, n_genes=40)
+    one = build_anchors(sim_small, panel, label_key="cell_type", min_cells=2)
+    three = build_anchors(sim_small, panel, label_key="cell_type", min_cells=2, replicates=3)
+    assert len(three) > len(one) and three.info["pseudo_replicates"]
+    g = three.obs.groupby("label")["n_cells"].sum().reindex(one.obs["label"]).fillna(0).to_numpy()
+    assert (g <= one.obs["n_cells"].to_numpy()).all()  # parts never hold more cells than the group
+    assert set(three.obs["donor"]) == {"all"}

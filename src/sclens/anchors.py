@@ -57,12 +57,17 @@ class Anchors:
 def build_anchors(
     adata: ad.AnnData, panel: GenePanel, *, label_key: str, donor_key: str | None = None, tissue_key: str | None = None,
     dag: StageDAG | None = None, min_cells: int = 5, max_cells: int | None = None, layer: str | None = None,
-    seed: int = 0, chunk_size: int = 20_000,
+    seed: int = 0, chunk_size: int = 20_000, replicates: int = 1,
 ) -> Anchors:
     """Build anchors from cells; labels that map to no stage are reported in ``info['unmapped']`` and left out.
 
     ``max_cells`` caps the cells averaged per anchor (a seeded random subset), so one huge group cannot
     dominate the cost; groups with fewer than ``min_cells`` cells are dropped and counted.
+
+    ``replicates > 1`` splits every (donor, tissue, label) group at random (seeded) into that many
+    pseudo-replicate anchors (``obs['replicate']``). This gives single-source data enough anchors to fit a
+    manifold; the pseudo-replicates are NOT independent donors, so the donor holdout and the donor-blocked
+    permutation still see one donor (recorded in ``info``).
     """
     dag = dag or StageDAG.default()
     require_obs_columns(adata, [label_key, donor_key, tissue_key])
@@ -84,12 +89,18 @@ def build_anchors(
         if len(cells) < min_cells:
             too_small += 1
             continue
-        if max_cells and len(cells) > max_cells:
-            cells = np.sort(rng.choice(cells, size=max_cells, replace=False))
+        if max_cells and len(cells) > max_cells * max(1, replicates):
+            cells = np.sort(rng.choice(cells, size=max_cells * max(1, replicates), replace=False))
         stage = obs.at[cells[0], "stage"]
-        rows.append({"donor": donor, "tissue": tissue, "label": label, "stage": stage, "branch": dag.branch[stage],
-                     "depth": dag.depth(stage), "n_cells": len(cells)})
-        members.append(cells)
+        parts = ([np.sort(p) for p in np.array_split(rng.permutation(cells), replicates)]
+                 if replicates > 1 else [cells])
+        for r, part in enumerate(parts):
+            if len(part) < min_cells:
+                too_small += 1
+                continue
+            rows.append({"donor": donor, "tissue": tissue, "label": label, "replicate": r, "stage": stage,
+                         "branch": dag.branch[stage], "depth": dag.depth(stage), "n_cells": len(part)})
+            members.append(part)
     if not rows:
         raise InputError(f"no (donor, tissue, label) group has at least {min_cells} cells")
     # centroids of x, streamed over chunks so a backed AnnData works too
@@ -107,6 +118,7 @@ def build_anchors(
     table = pd.DataFrame(rows)
     centroids = (sums / table["n_cells"].to_numpy()[:, None]).astype(np.float32)
     info = {"label_key": label_key, "donor_key": donor_key, "tissue_key": tissue_key, "min_cells": min_cells,
+            "replicates": replicates, "pseudo_replicates": replicates > 1,
             "max_cells": max_cells, "n_groups_too_small": too_small, "unmapped": mapping.unmapped,
             "n_donors": int(table["donor"].nunique()), "n_tissues": int(table["tissue"].nunique()),
             "n_stages": int(table["stage"].nunique()), "n_branches": int(table["branch"].nunique()),

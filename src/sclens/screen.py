@@ -140,7 +140,7 @@ def screen(
     banks: OperatorBank | dict[str, OperatorBank] | None, anchors: Anchors, *, fitters: Iterable[str] = FITTERS,
     units: Iterable[tuple[int, int]] | None = None, include_drift: bool = True, include_raw: bool = True, d: int = 10,
     k: int = 15, gates_path: str | Path | None = None, seed: int = 0, null_seed: int = 0, n_jobs: int = 1,
-    cache_dir: str | Path | None = None, let_epochs: int = 300, progress: bool = True,
+    cache_dir: str | Path | None = None, let_epochs: int = 150, progress: bool = True,
 ) -> ScreenReport:
     """Run the hypothesis search and return the ranked, gated table (see the module docstring)."""
     from joblib import Parallel, delayed
@@ -188,11 +188,13 @@ def screen(
         return None if feat == "raw" else banks[feat.split(":")[-1]]
 
     args = (fitters, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs, str(cache_dir) if cache_dir else None, key)
-    it = tqdm(jobs, desc="screening", unit="unit", disable=not progress)
+    bar = dict(total=len(jobs), desc="screening", unit="unit", disable=not progress)
     if n_jobs == 1:
-        results = [_run_job(j, anchors, bank_for(j[0]), *args) for j in it]
+        results = [_run_job(j, anchors, bank_for(j[0]), *args) for j in tqdm(jobs, **bar)]
     else:
-        results = Parallel(n_jobs=n_jobs)(delayed(_run_job)(j, anchors, bank_for(j[0]), *args) for j in it)
+        gen = Parallel(n_jobs=n_jobs, return_as="generator")(
+            delayed(_run_job)(j, anchors, bank_for(j[0]), *args) for j in jobs)
+        results = list(tqdm(gen, **bar))
     table = pd.DataFrame([r for rows in results for r in rows])
     for prefix in ("", "null_"):
         checks = table.apply(lambda r: gate_checks({k2[len(prefix):]: r[k2] for k2 in r.index if k2.startswith(prefix)

@@ -13,6 +13,17 @@ from ..errors import CheckpointError
 _VALUE_STYLES = ("continuous", "category", "scaling")
 
 
+def read_checkpoint_json(path: str | Path) -> Any:
+    """Parse a checkpoint's JSON file, turning a missing or malformed file into a clear CheckpointError."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no {path.name} at {path}") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+
+
 @dataclass
 class ScGPTConfig:
     """Architecture and tokenisation settings of an scGPT model.
@@ -85,13 +96,7 @@ class ScGPTConfig:
 
     @classmethod
     def from_args_json(cls, path: str | Path) -> "ScGPTConfig":
-        path = Path(path)
-        try:
-            args = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"no args.json at {path}") from None
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+        args = read_checkpoint_json(path)
         if not isinstance(args, dict):
             raise CheckpointError(f"{path} must hold a JSON object of training arguments")
         return cls.from_dict(args, source=str(path))

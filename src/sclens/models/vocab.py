@@ -37,13 +37,9 @@ class GeneVocab:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "GeneVocab":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"no vocab.json at {path}") from None
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+        from .config import read_checkpoint_json
+
+        raw = read_checkpoint_json(path)
         if not isinstance(raw, dict) or not all(isinstance(v, int) for v in raw.values()):
             raise CheckpointError(f"{path} must be a JSON object mapping token -> integer id")
         vocab = cls(raw)
