@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--n-jobs", type=int, default=2)
     ap.add_argument("--n-genes", type=int, default=1200)
     ap.add_argument("--n-ref-cells", type=int, default=64)
+    ap.add_argument("--max-units", type=int, default=None,
+                    help="Screen only the first N units (to measure per-hypothesis cost of slow fitters).")
+    ap.add_argument("--tag", default="", help="Suffix of the result file name.")
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -59,20 +62,25 @@ def main() -> None:
     anchors = build_anchors(sim, panel, label_key="cell_type", donor_key="donor", tissue_key="tissue")
     phases["anchors_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    rep = screen(banks, anchors, fitters=args.fitters.split(","), n_jobs=args.n_jobs, progress=True)
+    units = None
+    if args.max_units:
+        units = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)][: args.max_units]
+    rep = screen(banks, anchors, fitters=args.fitters.split(","), n_jobs=args.n_jobs, progress=True, units=units,
+                 include_drift=units is None, include_raw=units is None)
     phases["screen_s"] = time.perf_counter() - t
     per_fitter = rep.table.groupby("fitter")["seconds"].agg(["mean", "sum", "count"]).to_dict(orient="index")
     result = {
         "case": args.case, "synthetic": True, "units": model.n_layers * model.n_heads, "kinds": args.kinds.split(","),
         "fitters": args.fitters.split(","), "panel_genes": len(panel), "anchors": len(anchors),
-        "n_hypotheses": len(rep.table), "n_jobs": args.n_jobs, "phases": phases,
+        "n_hypotheses": len(rep.table), "n_jobs": args.n_jobs, "phases": phases, "max_units": args.max_units,
         "total_s": sum(phases.values()), "seconds_per_hypothesis_by_fitter (both rulers, one core)": per_fitter,
         "n_passing": int(rep.table["passes_all"].sum()),
         "top": rep.table.head(3)[["featurisation", "layer", "head", "fitter", "ruler_spearman_resid",
                                   "passes_all"]].to_dict(orient="records"),
     }
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"screen_walltime_{args.case}.json").write_text(json.dumps(result, indent=1, default=float))
+    rep.save(HERE / "results" / f"screen_{args.case}{args.tag}", anchors, banks)  # full table + figures
+    (HERE / "results" / f"screen_walltime_{args.case}{args.tag}.json").write_text(json.dumps(result, indent=1, default=float))
     print(json.dumps(result, indent=1, default=float))
 
 

@@ -60,3 +60,27 @@ def test_pretrain_rejects_unknown_config_field(h5ad, tmp_path):
     cfg.write_text("n_layer: 1\n")
     r = runner.invoke(app, ["pretrain", str(h5ad), "-o", str(tmp_path / "m"), "--config", str(cfg)])
     assert r.exit_code == 2 and "unknown PretrainConfig field" in r.output
+
+
+def test_export_operators_then_screen(tmp_path):
+    from tests.planted import build_planted_checkpoint, planted_cells
+
+    model_dir = build_planted_checkpoint(tmp_path / "m")
+    cells = planted_cells()
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    panel = tmp_path / "panel.json"
+    panel.write_text(json.dumps({"genes": list(cells.var_names), "flavor": "given"}))
+    r = runner.invoke(app, ["export-operators", str(tmp_path / "cells.h5ad"), "-o", str(tmp_path / "ops"), "--model",
+                            str(model_dir), "--kinds", "ov", "--panel", str(panel), "--n-ref-cells", "8"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ops" / "operators_ov.safetensors").is_file()
+    r = runner.invoke(app, ["screen", str(tmp_path / "cells.h5ad"), "--operators", str(tmp_path / "ops"), "-o",
+                            str(tmp_path / "scr"), "--label-key", "cell_type", "--donor-key", "donor", "--kinds", "ov",
+                            "--fitters", "isomap"])
+    assert r.exit_code == 0, r.output
+    assert "Top: ov L0H2 isomap" in r.output
+    report = json.loads((tmp_path / "scr" / "screen_report.json").read_text())
+    assert report["n_passing"] >= 1 and len(report["gates_sha256"]) == 64
+    r = runner.invoke(app, ["screen", str(tmp_path / "cells.h5ad"), "--operators", str(tmp_path / "ops"), "-o",
+                            str(tmp_path / "scr2"), "--label-key", "cell_type", "--kinds", "qk"])
+    assert r.exit_code == 2 and "run `sclens export-operators` first" in r.output
