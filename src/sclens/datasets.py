@@ -46,20 +46,12 @@ def pbmc68k() -> ad.AnnData:
     out.obs["donor"] = "pbmc68k_donorA"
     out.obs["tissue"] = "peripheral_blood"
     out.obs["batch"] = [n.rsplit("-", 1)[-1] for n in out.obs_names]
-    _annotate_stages(out, "cell_type")
+    StageDAG.default().annotate(out, "cell_type", prefix="")
     out.uns["sclens_dataset"] = {
         "name": "pbmc68k", "source": "scanpy.datasets.pbmc68k_reduced (Zheng et al. 2017, 10x Fresh 68k PBMCs)",
         "counts": "rebuilt as rint(expm1(raw) * n_counts / 1e4) over the 765 bundled genes", "synthetic": False,
     }
     return out
-
-
-def _annotate_stages(adata: ad.AnnData, label_key: str, dag: StageDAG | None = None) -> None:
-    dag = dag or StageDAG.default()
-    m = dag.map_labels(adata.obs[label_key].astype(str))
-    adata.obs["stage"] = pd.Categorical(m.stage.values)
-    adata.obs["branch"] = pd.Categorical(m.stage.map(dag.branch).values)
-    adata.obs["depth"] = m.stage.map(dag.depths).astype(float).values
 
 
 # ----------------------------------------------------------------------------- simulator

@@ -119,12 +119,11 @@ class FittedManifold:
     sd: np.ndarray
     model: object = None
     train_scaled: np.ndarray | None = None
+    geodesic: np.ndarray | None = None  # kNN shortest paths of train_scaled (ruler-free fitters)
 
     def transform(self, F: np.ndarray) -> np.ndarray:
         X = (F - self.mu) / self.sd
-        if self.fitter == "isomap":
-            return self.model.transform(X)
-        if self.fitter == "let":
+        if self.fitter in ("isomap", "let"):
             return self.model.transform(X)
         nn = NearestNeighbors(n_neighbors=min(5, len(self.train_scaled))).fit(self.train_scaled)
         d, idx = nn.kneighbors(X)
@@ -195,9 +194,9 @@ def fit_manifold(F: np.ndarray, fitter: str, *, d: int = 10, ruler: np.ndarray |
     X = (F - mu) / sd
     d_eff = min(d, n - 2)
     if fitter == "isomap":
-        _, k_used = knn_geodesic(X, k)
+        Dg, k_used = knn_geodesic(X, k)
         model = Isomap(n_neighbors=k_used, n_components=d_eff).fit(X)
-        return FittedManifold(fitter, model.embedding_, mu, sd, model, X)
+        return FittedManifold(fitter, model.embedding_, mu, sd, model, X, Dg)
     if fitter == "gmds":
         Dg, _ = knn_geodesic(X, k)
         J = np.eye(n) - 1.0 / n
@@ -207,7 +206,7 @@ def fit_manifold(F: np.ndarray, fitter: str, *, d: int = 10, ruler: np.ndarray |
         init = vecs[:, order] * np.sqrt(np.maximum(vals[order], 1e-12))
         Z, _ = smacof(Dg, n_components=d_eff, init=init, n_init=1, max_iter=100, metric=True,
                       random_state=seed, normalized_stress="auto")
-        return FittedManifold(fitter, Z, mu, sd, None, X)
+        return FittedManifold(fitter, Z, mu, sd, None, X, Dg)
     if ruler is None:
         raise InputError("the LET fitter needs the ruler between anchors")
     model = LETModel(d=d_eff, seed=seed, epochs=let_epochs).fit(X, ruler)
@@ -227,7 +226,7 @@ def _group_folds(groups: np.ndarray, n_folds: int, seed: int) -> list[np.ndarray
     return [np.isin(groups, part) for part in np.array_split(uniq, n_folds)]
 
 
-def holdout_spearman(F, rulers: dict, fitter, test_masks, *, d=10, k=15, seed=0, let_epochs=300,
+def holdout_spearman(F, rulers: dict, fitter, test_masks, *, d=10, k=15, seed=0, let_epochs=150,
                      min_test=4) -> dict[str, float]:
     """Per ruler: mean over folds of Spearman(latent distances among held-out anchors, their ruler).
 
@@ -319,7 +318,6 @@ def evaluate(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, tuple[np.
             full[name] = fit_manifold(F, fitter, ruler=R, **kw)
         else:
             full[name] = next(iter(full.values()))
-    geo = None
     for name, (R, _) in rulers.items():
         m = full[name]
         D = latent_distances(m, m.Z)
@@ -327,9 +325,8 @@ def evaluate(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, tuple[np.
         res["trustworthiness"] = trustworthiness(m.train_scaled, m.Z, k)
         res["ruler_spearman"] = spearman_pairs(D, R)
         res["ruler_spearman_resid"] = residualized_spearman(D, R, donors, tissues)
-        if fitter != "let":
-            geo = geo if geo is not None else knn_geodesic(m.train_scaled, k)[0]
-            res["geodesic_spearman"] = spearman_pairs(geo, R)
+        if m.geodesic is not None:
+            res["geodesic_spearman"] = spearman_pairs(m.geodesic, R)
         res["latent_dim"] = int(m.Z.shape[1])
     hold = {
         "holdout_random": holdout_spearman(F, anchor_rulers, fitter, [rand_test], **kw),

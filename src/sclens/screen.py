@@ -197,8 +197,8 @@ def screen(
         results = list(tqdm(gen, **bar))
     table = pd.DataFrame([r for rows in results for r in rows])
     for prefix in ("", "null_"):
-        checks = table.apply(lambda r: gate_checks({k2[len(prefix):]: r[k2] for k2 in r.index if k2.startswith(prefix)
-                                                   or prefix == ""}, gates, prefix), axis=1, result_type="expand")
+        checks = table.apply(lambda r: gate_checks({k2[len(prefix):]: r[k2] for k2 in r.index if k2.startswith(prefix)},
+                                                   gates, prefix), axis=1, result_type="expand")
         table = pd.concat([table, checks], axis=1)
     pvals = table["perm_p"].fillna(1.0).clip(0, 1).to_numpy()
     table["q"] = false_discovery_control(pvals, method="bh")
