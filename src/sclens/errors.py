@@ -20,6 +20,10 @@ class CheckpointError(SclensError, ValueError):
     """A model checkpoint directory or file is missing, corrupt, unsafe or inconsistent."""
 
 
+class ArtifactError(SclensError, ValueError):
+    """An extracted-algorithm file is corrupt, tampered with, or from an unsupported format version."""
+
+
 def preview(items, limit: int = 8) -> str:
     """Format the first few items of a collection for an error message: ``'A', 'B', ... (+12 more)``."""
     items = list(items)

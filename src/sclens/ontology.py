@@ -51,6 +51,9 @@ class StageDAG:
     """A developmental stage DAG with branches and synonyms."""
 
     def __init__(self, spec: Mapping):
+        import copy
+
+        self.spec = copy.deepcopy(dict(spec)) if isinstance(spec, Mapping) else spec  # embedded in artifacts
         try:
             stages = spec["stages"]
             self.root: str = spec["root"]
