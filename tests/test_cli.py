@@ -84,3 +84,32 @@ def test_export_operators_then_screen(tmp_path):
     r = runner.invoke(app, ["screen", str(tmp_path / "cells.h5ad"), "--operators", str(tmp_path / "ops"), "-o",
                             str(tmp_path / "scr2"), "--label-key", "cell_type", "--kinds", "qk"])
     assert r.exit_code == 2 and "run `sclens export-operators` first" in r.output
+    # the planted unit, extracted from the screen report, then inspected, applied and validated on new cells
+    art = tmp_path / "head.safetensors"
+    r = runner.invoke(app, ["extract", str(tmp_path / "cells.h5ad"), "--operators", str(tmp_path / "ops"), "-o", str(art),
+                            "--label-key", "cell_type", "--donor-key", "donor", "--from-screen", str(tmp_path / "scr"),
+                            "--epochs", "20"])
+    assert r.exit_code == 0, r.output
+    assert "operator: ov L0H2" in r.output and art.is_file()
+    r = runner.invoke(app, ["inspect", str(art)])
+    assert r.exit_code == 0 and "readout pseudotime" in r.output and "content sha256" in r.output
+    r = runner.invoke(app, ["inspect", str(art), "--json"])
+    assert json.loads(r.output)["structure"]["operator"]["source"]["layer"] == 0
+    from tests.planted import planted_cells
+
+    planted_cells(n_donors=3, seed=9).write_h5ad(tmp_path / "new.h5ad")
+    r = runner.invoke(app, ["apply", str(art), str(tmp_path / "new.h5ad"), "-o", str(tmp_path / "new_out.h5ad")])
+    assert r.exit_code == 0, r.output
+    import anndata as ad
+
+    out = ad.read_h5ad(tmp_path / "new_out.h5ad")
+    assert {"sclens_pseudotime", "sclens_branch", "sclens_stage"} <= set(out.obs) and "X_sclens" in out.obsm
+    r = runner.invoke(app, ["apply", str(art), str(tmp_path / "new.h5ad"), "-o", str(tmp_path / "new.h5ad")])
+    assert r.exit_code == 2 and "never overwrites" in r.output
+    r = runner.invoke(app, ["validate", str(art), str(tmp_path / "new.h5ad"), "--label-key", "cell_type", "--donor-key",
+                            "donor", "--n-perm", "200", "-o", str(tmp_path / "v.json")])
+    assert r.exit_code == 0, r.output
+    assert "zero-shot transfer" in r.output and json.loads((tmp_path / "v.json").read_text())["metrics"]["n_donors"] == 3
+    art.write_bytes(art.read_bytes()[:-3] + b"xyz")
+    r = runner.invoke(app, ["inspect", str(art)])
+    assert r.exit_code == 2 and "content check" in r.output

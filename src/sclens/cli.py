@@ -226,17 +226,10 @@ def screen_cmd(
     from .anchors import build_anchors
     from .data import harmonize_gene_ids, read_h5ad
     from .ontology import StageDAG
-    from .operators import OperatorBank
     from .screen import screen
 
     try:
-        banks = {}
-        for kind in _split(kinds):
-            p = operators / f"operators_{kind}.safetensors"
-            if not p.is_file():
-                raise SclensError(f"{p} not found; run `sclens export-operators` first (kinds present: "
-                                  f"{sorted(x.stem.split('_', 1)[1] for x in operators.glob('operators_*.safetensors'))})")
-            banks[kind] = OperatorBank.load(p)
+        banks = _load_banks(operators, _split(kinds))
         panel = next(iter(banks.values())).panel
         adata = harmonize_gene_ids(read_h5ad(data_path), var_key=var_key)
         stage_dag = StageDAG.from_yaml(dag) if dag else StageDAG.default()
@@ -250,6 +243,132 @@ def screen_cmd(
                    f"the gates with the null failing. Top: {t['featurisation']} L{int(t['layer'])}H{int(t['head'])} "
                    f"{t['fitter']} (resid. Spearman {t['ruler_spearman_resid']:.3f}, trust {t['trustworthiness']:.3f}, "
                    f"p {t['perm_p']:.4g}, passes {bool(t['passes_all'])}). Report: {out}")
+    except SclensError as exc:
+        _fail(exc)
+
+
+def _parse_units(s: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(v) for v in u.split(",")) for u in s.split(";") if u.strip()]
+    except ValueError:
+        raise SclensError(f"units must look like 'L,H' or 'L,H;L,H' (got {s!r})") from None
+
+
+def _load_banks(operators: Path, kinds: list[str]) -> dict:
+    from .operators import OperatorBank
+
+    banks = {}
+    for kind in kinds:
+        p = operators / f"operators_{kind}.safetensors"
+        if not p.is_file():
+            raise SclensError(f"{p} not found; run `sclens export-operators` first (kinds present: "
+                              f"{sorted(x.stem.split('_', 1)[1] for x in operators.glob('operators_*.safetensors'))})")
+        banks[kind] = OperatorBank.load(p)
+    return banks
+
+
+@app.command("extract")
+def extract_cmd(
+    data_path: Path = typer.Argument(..., help="Labelled training cells (.h5ad)."),
+    operators: Path = typer.Option(..., help="Folder written by export-operators."),
+    out: Path = typer.Option(..., "--out", "-o", help="The .safetensors file to write."),
+    label_key: str = typer.Option(..., help="obs column with cell-type / stage labels."),
+    donor_key: Optional[str] = typer.Option(None), tissue_key: Optional[str] = typer.Option(None),
+    kind: Optional[str] = typer.Option(None, help="Operator kind (attn / qk / ov); taken from --from-screen if given."),
+    unit: Optional[str] = typer.Option(None, help="One unit 'L,H'."),
+    pool: Optional[str] = typer.Option(None, help="Several units 'L,H;L,H' averaged."),
+    drift: bool = typer.Option(False, help="Use the drift featurisation of the kind."),
+    from_screen: Optional[Path] = typer.Option(None, help="Take the top operator hypothesis of this screen report folder."),
+    rank: Optional[int] = typer.Option(None, help="Replace the operator by its truncated SVD of this rank."),
+    adaptor: str = typer.Option("cell", help="'cell' (cell-trained, default) or 'let' (anchor-trained)."),
+    d: int = typer.Option(10, help="Latent dimension."),
+    epochs: Optional[int] = typer.Option(None, help="Adaptor epochs (cell: 120, let: 150)."),
+    holdout_fraction: float = typer.Option(0.2, help="Share of donors held out for the reported metrics."),
+    dag: Optional[Path] = typer.Option(None, help="A stage DAG YAML (default: the shipped hematopoiesis DAG)."),
+    seed: int = typer.Option(0), var_key: Optional[str] = typer.Option(None), layer: Optional[str] = typer.Option(None),
+) -> None:
+    """Train adaptor + readouts over a frozen operator and write ONE standalone .safetensors file."""
+    from .data import harmonize_gene_ids, read_h5ad
+    from .extract import extract, select_operator
+    from .ontology import StageDAG
+
+    try:
+        present = sorted(x.stem.split("_", 1)[1] for x in operators.glob("operators_*.safetensors"))
+        if not present:
+            raise SclensError(f"no operators_<kind>.safetensors in {operators}; run `sclens export-operators` first")
+        banks = _load_banks(operators, [kind] if kind and not from_screen else present)
+        op = select_operator(banks, unit=_parse_units(unit)[0] if unit else None,
+                             pool=_parse_units(pool) if pool else None, drift=drift, kind=kind,
+                             report=from_screen, rank=rank)
+        adata = harmonize_gene_ids(read_h5ad(data_path), var_key=var_key)
+        model = extract(adata, op, label_key=label_key, donor_key=donor_key, tissue_key=tissue_key, adaptor=adaptor,
+                        d=d, epochs=epochs, holdout_fraction=holdout_fraction, seed=seed, layer=layer,
+                        dag=StageDAG.from_yaml(dag) if dag else None)
+        model.save(out)
+        typer.echo(model.summary())
+        typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    except SclensError as exc:
+        _fail(exc)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="An extracted .safetensors file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
+) -> None:
+    """Print what an extracted-algorithm file holds (after checking its content hash)."""
+    from .extract import ExtractedModel
+
+    try:
+        model = ExtractedModel.load(path)
+    except SclensError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(model.manifest, indent=1) if as_json else model.summary())
+
+
+@app.command("apply")
+def apply_cmd(
+    artifact: Path = typer.Argument(..., help="An extracted .safetensors file."),
+    data_path: Path = typer.Argument(..., help="Cells to apply it to (.h5ad or .zarr; streamed, never modified)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output store (same format as the input)."),
+    layer: Optional[str] = typer.Option(None), chunk_size: int = typer.Option(20000, help="Cells per chunk."),
+) -> None:
+    """Run the standalone algorithm: obs sclens_pseudotime / sclens_branch / sclens_stage, obsm X_sclens."""
+    from .extract import apply_file
+
+    try:
+        rec = apply_file(artifact, data_path, out, layer=layer, chunk_size=chunk_size)
+        typer.echo(f"applied to {rec['n_cells']:,} cells in {rec['seconds']:.1f} s ({rec['cells_per_second']:,.0f} cells/s; "
+                   f"panel coverage {rec['panel_coverage']:.0%}, input {rec['input_kind']}) -> {out}")
+    except SclensError as exc:
+        _fail(exc)
+
+
+@app.command("validate")
+def validate_cmd(
+    artifact: Path = typer.Argument(..., help="An extracted .safetensors file (frozen)."),
+    data_path: Path = typer.Argument(..., help="An independent labelled dataset (.h5ad)."),
+    label_key: str = typer.Option(..., help="obs column with cell-type / stage labels."),
+    donor_key: Optional[str] = typer.Option(None), tissue_key: Optional[str] = typer.Option(None),
+    replicates: int = typer.Option(1, help="Pseudo-replicate anchors per group (single-source data)."),
+    min_cells: int = typer.Option(5), n_perm: int = typer.Option(2000), seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON here."),
+    var_key: Optional[str] = typer.Option(None), layer: Optional[str] = typer.Option(None),
+) -> None:
+    """Zero-shot transfer check: frozen head, anchors rebuilt on new data, ruler vs null statistics."""
+    from .data import harmonize_gene_ids, read_h5ad
+    from .extract import ExtractedModel, validate_transfer
+    from .utils import write_json
+
+    try:
+        model = ExtractedModel.load(artifact)
+        adata = harmonize_gene_ids(read_h5ad(data_path), var_key=var_key)
+        rep = validate_transfer(model, adata, label_key=label_key, donor_key=donor_key, tissue_key=tissue_key,
+                                replicates=replicates, min_cells=min_cells, n_perm=n_perm, seed=seed, layer=layer)
+        typer.echo(rep.summary())
+        if out:
+            write_json(out, {"artifact": str(artifact), "data": str(data_path), **rep.to_dict()})
+            typer.echo(f"report -> {out}")
     except SclensError as exc:
         _fail(exc)
 

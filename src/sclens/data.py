@@ -86,6 +86,36 @@ def detect_gene_id_type(names: Sequence[str]) -> Literal["symbol", "ensembl", "m
     return "mixed"
 
 
+def gene_symbols(ids: Sequence[str], *, min_matched: float = 0.5, hint_columns: Sequence[str] = ()) -> pd.Index:
+    """Gene ids as HGNC symbols: symbols pass through, human Ensembl ids are mapped (unmapped ones kept).
+
+    Mixed id types, or Ensembl ids of which fewer than ``min_matched`` map, raise a clear error.
+    """
+    ids = pd.Index([str(x) for x in ids])
+    kind = detect_gene_id_type(ids)
+    if kind == "mixed":
+        n_ens = sum(bool(ENSEMBL_RE.match(x)) for x in ids)
+        ens_ex = [x for x in ids if ENSEMBL_RE.match(x)][:3]
+        sym_ex = [x for x in ids if not ENSEMBL_RE.match(x)][:3]
+        raise InputError(
+            f"gene ids are mixed: {n_ens} of {len(ids)} look like Ensembl ids (e.g. {ens_ex}) and the rest like "
+            f"symbols (e.g. {sym_ex}). Pick one id column with var_key= (available: {list(hint_columns)})"
+        )
+    if kind == "symbol":
+        return ids
+    table = ensembl_to_symbol()
+    symbols = [table.get(x.split(".")[0]) for x in ids]
+    n_mapped = sum(s is not None for s in symbols)
+    if n_mapped / len(ids) < min_matched:
+        unmapped = [x for x, s in zip(ids, symbols) if s is None]
+        raise InputError(
+            f"only {n_mapped} of {len(ids)} Ensembl ids map to human gene symbols (unmapped e.g. "
+            f"{preview(unmapped, 5)}); sclens knows human Ensembl ids only"
+        )
+    # unmapped genes keep their Ensembl id (they simply match no vocabulary token)
+    return pd.Index([s if s is not None else x for x, s in zip(ids, symbols)])
+
+
 def harmonize_gene_ids(
     adata: ad.AnnData, *, var_key: str | None = None, vocabulary: Iterable[str] | None = None,
     min_matched: float = 0.5, copy: bool = True,
@@ -104,31 +134,11 @@ def harmonize_gene_ids(
             f"var column {var_key!r} not found; available var columns: {list(adata.var.columns)}"
         )
     ids = pd.Index(adata.var[var_key].astype(str) if var_key else adata.var_names.astype(str))
-    kind = detect_gene_id_type(ids)
-    if kind == "mixed":
-        n_ens = sum(bool(ENSEMBL_RE.match(x)) for x in ids)
-        ens_ex = [x for x in ids if ENSEMBL_RE.match(x)][:3]
-        sym_ex = [x for x in ids if not ENSEMBL_RE.match(x)][:3]
-        raise InputError(
-            f"gene ids are mixed: {n_ens} of {len(ids)} look like Ensembl ids (e.g. {ens_ex}) and the rest like "
-            f"symbols (e.g. {sym_ex}). Pick one id column with var_key= (available: {list(adata.var.columns)})"
-        )
+    symbols = gene_symbols(ids, min_matched=min_matched, hint_columns=list(adata.var.columns))
     out = adata.copy() if copy else adata
-    if kind == "ensembl":
-        table = ensembl_to_symbol()
-        stripped = [x.split(".")[0] for x in ids]
-        symbols = [table.get(x) for x in stripped]
-        n_mapped = sum(s is not None for s in symbols)
-        if n_mapped / len(ids) < min_matched:
-            unmapped = [x for x, s in zip(ids, symbols) if s is None]
-            raise InputError(
-                f"only {n_mapped} of {len(ids)} Ensembl ids map to human gene symbols (unmapped e.g. "
-                f"{preview(unmapped, 5)}); sclens knows human Ensembl ids only"
-            )
-        # unmapped genes keep their Ensembl id (they simply match no vocabulary token)
-        new = [s if s is not None else x for x, s in zip(ids, symbols)]
+    if not symbols.equals(ids):
         out.var["sclens_original_id"] = list(ids)
-        ids = pd.Index(new)
+    ids = symbols
     out.var_names = ids
     if not out.var_names.is_unique:
         dup = out.var_names[out.var_names.duplicated()].unique()

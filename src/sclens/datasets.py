@@ -171,7 +171,7 @@ def _background_genes(n: int, exclude: set[str], vocabulary, rng: np.random.Gene
 
 def simulate_hematopoiesis(
     n_donors: int = 12, cells_per_donor: int = 800, seed: int = 0, *, n_background_genes: int = 1800,
-    median_library_size: float = 4000.0, donor_effect: float = 0.15, vocabulary=None,
+    median_library_size: float = 4000.0, donor_effect: float = 0.15, vocabulary=None, donor_seed: int | None = None,
 ) -> ad.AnnData:
     """Simulate multi-donor hematopoiesis: cells along the default stage DAG with NB counts.
 
@@ -192,6 +192,10 @@ def simulate_hematopoiesis(
     ``obs``: ``donor``, ``tissue`` (bone marrow for progenitor / immature stages, peripheral blood for mature
     ones), ``cell_type`` (= stage), ``stage``, ``branch``, ``depth`` (hops from HSC), ``pseudotime``
     (depth minus the parent offset u), ``synthetic`` (True).
+
+    ``donor_seed`` draws NEW donors and cells from the same biology (genes, modules, fold changes and branch
+    shifts stay those of ``seed``): use it for an independent held-out cohort. Its donors are named
+    ``donorNN_s<donor_seed>`` so they never collide with the training cohort's.
     """
     if n_donors < 1 or cells_per_donor < 1:
         raise InputError("n_donors and cells_per_donor must be at least 1")
@@ -227,9 +231,12 @@ def simulate_hematopoiesis(
     weights = weights / weights.sum()
     immature = {s for s in stages if dag.branch[s] == "stem_progenitor" or dag.children[s]}
 
+    if donor_seed is not None:
+        rng = np.random.default_rng([seed, donor_seed])
+    suffix = "" if donor_seed is None else f"_s{donor_seed}"
     X_parts, obs_rows = [], []
     for d in range(n_donors):
-        donor = f"donor{d + 1:02d}"
+        donor = f"donor{d + 1:02d}{suffix}"
         props = rng.dirichlet(weights * 60.0)
         donor_scale = rng.normal(0.0, donor_effect, G)
         lib_factor = np.exp(rng.normal(0.0, 0.2))
@@ -264,7 +271,7 @@ def simulate_hematopoiesis(
                 "pseudotime": max(dag.depth(s) - u[i], 0.0), "parent_stage": parents[i],
             })
     obs = pd.DataFrame(obs_rows)
-    obs.index = [f"sim{seed}_{i}" for i in range(len(obs))]
+    obs.index = [f"sim{seed}{suffix}_{i}" for i in range(len(obs))]
     for c in ("donor", "tissue", "cell_type", "stage", "branch", "parent_stage"):
         obs[c] = pd.Categorical(obs[c])
     obs["synthetic"] = True
@@ -280,5 +287,6 @@ def simulate_hematopoiesis(
         "synthetic": True, "generator": "sclens.datasets.simulate_hematopoiesis", "seed": seed,
         "n_donors": n_donors, "cells_per_donor": cells_per_donor, "n_background_genes": n_background_genes,
         "median_library_size": median_library_size, "donor_effect": donor_effect, "dag": dag.name,
+        "donor_seed": donor_seed,
     }
     return out

@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .data import GenePanel, detect_value_kind, iter_chunks, require_obs_columns
+from .data import GenePanel, detect_gene_id_type, detect_value_kind, gene_symbols, harmonize_gene_ids, iter_chunks, require_obs_columns
 from .errors import ArtifactError, InputError, preview
 from .ontology import StageDAG
 from .operators import OperatorBank
@@ -653,6 +653,11 @@ def _value_kind(X_head) -> str:
     return kind
 
 
+def panel_index(panel: GenePanel, var_names: Sequence[str]) -> np.ndarray:
+    """Column of each panel gene in the data; Ensembl ids are mapped to symbols, missing genes -> -1."""
+    return panel.column_index(gene_symbols(var_names))
+
+
 def _head_rows(X, n: int = 2000):
     sub = X[: min(n, X.shape[0])]
     return sub.to_memory() if hasattr(sub, "to_memory") else sub
@@ -661,7 +666,7 @@ def _head_rows(X, n: int = 2000):
 def panel_rows(adata: ad.AnnData, panel: GenePanel, rows: np.ndarray | None = None, *, layer: str | None = None,
                chunk_size: int = 20_000, kind: str | None = None) -> np.ndarray:
     """Panel vectors ``x`` of the given cells (all when ``rows`` is None), streamed over chunks."""
-    idx = panel.column_index(adata.var_names)
+    idx = panel_index(panel, adata.var_names)
     X0 = adata.layers[layer] if layer else adata.X
     kind = kind or _value_kind(_head_rows(X0))
     if rows is None:
@@ -883,6 +888,8 @@ def validate_transfer(
     from .screen import load_gates
 
     dag = model.dag
+    if detect_gene_id_type(adata.var_names) != "symbol":
+        adata = harmonize_gene_ids(adata)
     anchors = build_anchors(adata, model.panel, label_key=label_key, donor_key=donor_key, tissue_key=tissue_key,
                             dag=dag, min_cells=min_cells, seed=seed, layer=layer, replicates=replicates)
     if len(anchors) < 6 or anchors.obs["stage"].nunique() < 3:
@@ -976,7 +983,7 @@ def apply(
     if _is_dask(X0):
         res, kind = apply_dask(model, X0, out.var_names, fold=fold)
     else:
-        idx = model.panel.column_index(out.var_names)
+        idx = panel_index(model.panel, out.var_names)
         kind = _value_kind(_head_rows(X0))
         n = out.n_obs
         P = np.empty((n, sum(w for _, w in model.output_columns())), dtype=np.float32)
@@ -984,7 +991,7 @@ def apply(
         for sl, X in tqdm(chunks, total=-(-n // chunk_size), desc="applying", unit="chunk", disable=not progress):
             P[sl] = model.predict_packed(model.panel.transform(X, idx, kind), fold)
         res = model.unpack(P)
-    coverage = model.panel.coverage(out.var_names)
+    coverage = model.panel.coverage(gene_symbols(out.var_names))
     _write_results(out, model, res, _apply_info(model, coverage, kind, fold))
     return out if copy else None
 
@@ -1000,7 +1007,7 @@ def apply_dask(model: ExtractedModel, X, var_names: Sequence[str], *, fold: bool
     """
     import dask.array as da
 
-    idx = model.panel.column_index(var_names)
+    idx = panel_index(model.panel, var_names)
     if len(X.chunks[1]) != 1:
         X = X.rechunk({1: -1})  # every block needs a cell's whole library to normalise it
     kind = kind or _value_kind(_to_numpy_or_sparse(X[: min(2000, X.shape[0])].compute()))
@@ -1054,7 +1061,8 @@ def apply_file(
     src = _store.open_store(in_path, "r")
     try:
         mat = _store.RowMatrix(src, layer)
-        idx = model.panel.column_index(mat.var_names)
+        names = gene_symbols(mat.var_names)
+        idx, coverage = model.panel.column_index(names), model.panel.coverage(names)
         kind = _value_kind(mat.rows(0, min(2000, mat.n_obs)))
         n = mat.n_obs
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1089,7 +1097,7 @@ def apply_file(
                     obs[f"sclens_{p}_score"] = v
                 _store.replace_elem(dst, "obs", obs)
                 uns = _store.require_group(dst, "uns")
-                _store.replace_elem(uns, "sclens", _apply_info(model, model.panel.coverage(mat.var_names), kind, fold))
+                _store.replace_elem(uns, "sclens", _apply_info(model, coverage, kind, fold))
             finally:
                 _store.close_store(dst)
             _store.reconsolidate(tmp)
@@ -1102,5 +1110,5 @@ def apply_file(
         _store.close_store(src)
     seconds = time.perf_counter() - t0
     return {"n_cells": n, "seconds": seconds, "cells_per_second": n / seconds if seconds else float("nan"),
-            "out": str(out_path), "input_kind": kind, "panel_coverage": model.panel.coverage(mat.var_names)}
+            "out": str(out_path), "input_kind": kind, "panel_coverage": coverage}
 
