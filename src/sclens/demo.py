@@ -10,7 +10,10 @@ Stages run (each prints what it does and lands in ``report.json`` + PNG figures 
 4. **heads**    panel-mode run with hooks on every layer: per-head attention entropy and top attended genes
 5. **screen**   gene-space operators (attn / qk / ov) of all units, donor x tissue x cell-type anchors, and
                 the gated unit screen (Isomap and geodesic MDS; the full screen adds LET - `sclens screen`)
-6. **pretrain** a small scGPT model trained from scratch on the synthetic cells, written in the official
+6. **extract**  the top screened operator -> cell-trained adaptor -> readouts as ONE .safetensors file,
+                reloaded (content hash checked), applied by streaming to a held-out SYNTHETIC cohort of new
+                donors written as .h5ad, and the zero-shot transfer check on that cohort
+7. **pretrain** a small scGPT model trained from scratch on the synthetic cells, written in the official
                 layout and read back through the same loader
 """
 
@@ -109,7 +112,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     t_all = time.perf_counter()
 
     # 1. model -------------------------------------------------------------------------------
-    con.rule("[bold]1/6 model")
+    con.rule("[bold]1/7 model")
     t = time.perf_counter()
     model = load_default_model()
     log_path = Path(str(default_model_dir())) / "training_log.json"
@@ -127,7 +130,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["model"] = time.perf_counter() - t
 
     # 2. data --------------------------------------------------------------------------------
-    con.rule("[bold]2/6 data")
+    con.rule("[bold]2/7 data")
     t = time.perf_counter()
     dag = StageDAG.default()
     pbmc = pbmc68k()
@@ -149,7 +152,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["data"] = time.perf_counter() - t
 
     # 3. embeddings --------------------------------------------------------------------------
-    con.rule("[bold]3/6 cell embeddings")
+    con.rule("[bold]3/7 cell embeddings")
     t = time.perf_counter()
     emb_rep = {}
     sim_sub = sim[np.sort(np.random.default_rng(seed).choice(sim.n_obs, size=min(sim.n_obs, 300 if quick else 600),
@@ -180,7 +183,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["embeddings"] = time.perf_counter() - t
 
     # 4. attention heads ---------------------------------------------------------------------
-    con.rule("[bold]4/6 attention heads (hooks)")
+    con.rule("[bold]4/7 attention heads (hooks)")
     t = time.perf_counter()
     panel = select_panel(sim, model.vocab.genes, n_genes=300 if quick else 600)
     rng = np.random.default_rng(seed)
@@ -215,7 +218,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["heads"] = time.perf_counter() - t
 
     # 5. operators + screen ------------------------------------------------------------------
-    con.rule("[bold]5/6 operators and gated unit screen")
+    con.rule("[bold]5/7 operators and gated unit screen")
     t = time.perf_counter()
     from .anchors import build_anchors
     from .operators import export_operators
@@ -247,8 +250,48 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
               f"branch holdout {top['holdout_branch']:.3f}, null passes: {bool(top['null_passes'])})")
     report["timings_s"]["screen"] = time.perf_counter() - t
 
-    # 6. pretraining -------------------------------------------------------------------------
-    con.rule("[bold]6/6 pretraining (masked expression)")
+    # 6. extraction ---------------------------------------------------------------------------
+    con.rule("[bold]6/7 extraction: operator -> adaptor -> readouts, apply, zero-shot transfer")
+    t = time.perf_counter()
+    import warnings
+
+    from .extract import ExtractedModel, apply_file, extract, select_operator, validate_transfer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        op = select_operator(banks, report=rep)
+    model_x = extract(sim, op, label_key="cell_type", donor_key="donor", tissue_key="tissue", seed=seed,
+                      epochs=40 if quick else 120, progress=True)
+    art = model_x.save(out / "extracted_head.safetensors")
+    reloaded_x = ExtractedModel.load(art)
+    heldout = simulate_hematopoiesis(n_donors=2 if quick else 4, cells_per_donor=per_donor, seed=seed,
+                                     donor_seed=seed + 1000, vocabulary=model.vocab.genes)
+    heldout.write_h5ad(out / "heldout_cohort.h5ad")
+    run = apply_file(reloaded_x, out / "heldout_cohort.h5ad", out / "heldout_cohort_sclens.h5ad", progress=False)
+    transfer = validate_transfer(reloaded_x, heldout, label_key="cell_type", donor_key="donor", tissue_key="tissue",
+                                 seed=seed)
+    report["stages"]["extract"] = {
+        "data": "SYNTHETIC (train: the screen cohort; transfer: new donors of the same simulated biology)",
+        "operator": op.describe(), "operator_source": op.source,
+        "operator_warnings": [str(w.message) for w in caught], "artifact": art.name,
+        "artifact_bytes": art.stat().st_size, "content_sha256": reloaded_x.content_sha256,
+        "n_trainable": reloaded_x.n_trainable(), "metrics_at_extraction": model_x.manifest["metrics"],
+        "apply": {k: run[k] for k in ("n_cells", "seconds", "cells_per_second", "panel_coverage")},
+        "applied_file": "heldout_cohort_sclens.h5ad", "zero_shot_transfer": transfer.metrics,
+        "train_seconds": model_x.manifest["train_seconds"],
+    }
+    tm = transfer.metrics
+    con.print(f"extracted {op.describe()} -> {art.name} ({art.stat().st_size / 1e3:.0f} kB, "
+              f"{reloaded_x.n_trainable()['total']:,} trainable parameters); applied to {run['n_cells']} held-out cells "
+              f"({run['cells_per_second']:,.0f} cells/s incl. file copy). Zero-shot on new donors: trust "
+              f"{tm['trustworthiness']:.3f}, ruler Spearman {tm['ruler_spearman']:.3f} (null {tm['null_ruler_spearman']:.3f}), "
+              f"p {tm['perm_p']:.2g}, passes gates: {tm['passes']}; branch bal. acc "
+              f"{tm['cells'].get('branch_balanced_accuracy', float('nan')):.3f}, pseudotime-depth Spearman "
+              f"{tm['cells']['pseudotime_depth_spearman']:.3f}")
+    report["timings_s"]["extract"] = time.perf_counter() - t
+
+    # 7. pretraining -------------------------------------------------------------------------
+    con.rule("[bold]7/7 pretraining (masked expression)")
     t = time.perf_counter()
     pcfg = PretrainConfig(n_layers=2, n_heads=4, d_model=64, d_hid=128, train_seq_len=96, batch_size=16,
                           steps=40 if quick else 200, warmup_steps=10, eval_every=20 if quick else 50,
