@@ -159,7 +159,8 @@ def test_round_trip_in_a_fresh_process_is_bit_identical(extracted, saved, cohort
     code = (
         "import sys, numpy as np, anndata as ad; from sclens import extract as ex;"
         "a = ad.read_h5ad(sys.argv[2]); ex.apply(a, ex.load(sys.argv[1]));"
-        "np.save(sys.argv[3], np.column_stack([a.obsm['X_sclens'], a.obs['sclens_pseudotime'], a.obsm['sclens_stage_proba']]))"
+        "np.save(sys.argv[3], np.column_stack([a.obsm['X_sclens'], a.obs['sclens_pseudotime'], a.obsm['sclens_stage_proba']]));"
+        "assert 'torch' not in sys.modules, 'applying a file must not need the foundation-model stack'"
     )
     out = tmp_path / "fresh.npy"
     subprocess.run([sys.executable, "-c", code, str(saved), str(path_in), str(out)], check=True)

@@ -80,7 +80,6 @@ class RowMatrix:
             self.X = elem
         self.shape = tuple(int(s) for s in self.X.shape)
         self.var_names = pd.Index(read_elem(store["var"]).index.astype(str))
-        self.obs_names = pd.Index(read_elem(store["obs"]).index.astype(str))
 
     @property
     def n_obs(self) -> int:

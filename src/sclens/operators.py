@@ -27,7 +27,6 @@ from typing import Iterable, Literal, Sequence
 
 import anndata as ad
 import numpy as np
-import torch
 
 from . import __version__
 from .data import GenePanel, iter_chunks
@@ -150,6 +149,8 @@ def export_operators(
     attention patterns (for ``attn``) and each gene token's mean residual at every layer input (for ``qk``
     and ``ov``). Returns ``{kind: OperatorBank}``.
     """
+    import torch  # only export needs it: featurising and applying frozen operators must not load torch
+
     kinds = list(dict.fromkeys(kinds))
     bad = [k for k in kinds if k not in KINDS]
     if bad:
