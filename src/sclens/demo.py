@@ -270,6 +270,14 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     run = apply_file(reloaded_x, out / "heldout_cohort.h5ad", out / "heldout_cohort_sclens.h5ad", progress=False)
     transfer = validate_transfer(reloaded_x, heldout, label_key="cell_type", donor_key="donor", tissue_key="tissue",
                                  seed=seed)
+    import anndata as ad
+
+    applied = ad.read_h5ad(out / "heldout_cohort_sclens.h5ad")
+    Zp = PCA(n_components=2, random_state=seed).fit_transform(applied.obsm["X_sclens"])
+    fig = _scatter(Zp, applied.obs["branch"].astype(str).to_numpy(),
+                   "held-out donors: X_sclens (PCA), true branch - SYNTHETIC",
+                   out / "extracted_latent_heldout.png")
+    report["figures"]["extracted_latent_heldout"] = fig.name
     report["stages"]["extract"] = {
         "data": "SYNTHETIC (train: the screen cohort; transfer: new donors of the same simulated biology)",
         "operator": op.describe(), "operator_source": op.source,
