@@ -76,9 +76,9 @@ def test_export_operators_then_screen(tmp_path):
     assert (tmp_path / "ops" / "operators_ov.safetensors").is_file()
     r = runner.invoke(app, ["screen", str(tmp_path / "cells.h5ad"), "--operators", str(tmp_path / "ops"), "-o",
                             str(tmp_path / "scr"), "--label-key", "cell_type", "--donor-key", "donor", "--kinds", "ov",
-                            "--fitters", "isomap"])
+                            "--fitters", "gmds"])
     assert r.exit_code == 0, r.output
-    assert "Top: ov L0H2 isomap" in r.output
+    assert "Top: ov L0H2 gmds" in r.output
     report = json.loads((tmp_path / "scr" / "screen_report.json").read_text())
     assert report["n_passing"] >= 1 and len(report["gates_sha256"]) == 64
     r = runner.invoke(app, ["screen", str(tmp_path / "cells.h5ad"), "--operators", str(tmp_path / "ops"), "-o",
