@@ -121,12 +121,14 @@ class Endpoint:
 
 
 def parse_binary_spec(spec: str, column: str, name: str | None = None) -> Endpoint:
-    """``"CD4 T | Treg vs CD8 T"`` -> a binary endpoint on ``column`` (groups separated by '|')."""
+    """``"CD4 T | Treg vs CD8 T"`` -> a binary endpoint on ``column`` (groups separated by '|').
+
+    As for sclens' probes, the score is P(second group): the right-hand side is the positive class."""
     if " vs " not in spec:
         raise InputError(f"binary endpoint {spec!r}: expected 'A vs B' (several labels per side separated by '|')")
-    pos, neg = spec.split(" vs ", 1)
+    left, right = spec.split(" vs ", 1)
     split = lambda s: [x.strip() for x in s.split("|") if x.strip()]  # noqa: E731
-    return Endpoint(name or spec.replace(" ", "_"), "binary", column, positive=split(neg), negative=split(pos))
+    return Endpoint(name or spec.replace(" ", "_"), "binary", column, positive=split(right), negative=split(left))
 
 
 @dataclass
@@ -145,6 +147,7 @@ class BenchConfig:
     var_key: str | None = None
     n_genes: int = 1200
     operator: str = "drift"
+    n_ref_cells: int = 128
     scvi_epochs: int = 100
     adaptor_epochs: int | None = None
     title: str = ""
@@ -310,7 +313,8 @@ def paired_wilcoxon(a: Sequence[float], b: Sequence[float]) -> dict:
     """Two-sided paired Wilcoxon signed-rank test across splits (NaN pairs dropped).
 
     Zero differences are kept with Pratt's treatment (ranked, then dropped), so ties count against a
-    difference; all-zero differences give p = 1. Fewer than 2 usable pairs give p = NaN."""
+    difference; all-zero differences give p = 1. Fewer than 2 usable pairs give p = NaN. Exact p without
+    zeros or tied magnitudes (n <= 50), else the tie-corrected normal approximation."""
     from scipy.stats import wilcoxon
 
     a, b = np.asarray(a, float), np.asarray(b, float)
@@ -322,9 +326,13 @@ def paired_wilcoxon(a: Sequence[float], b: Sequence[float]) -> dict:
         return {**out, "statistic": float("nan"), "p": float("nan")}
     if np.all(d == 0):
         return {**out, "statistic": 0.0, "p": 1.0}
+    absd = np.abs(d)
+    exact = len(d) <= 50 and not (d == 0).any() and len(np.unique(absd)) == len(absd)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = wilcoxon(d, zero_method="pratt", alternative="two-sided")
+        # exact null distribution when there are no zeros or tied |d|; otherwise the normal approximation
+        # with tie and Pratt zero corrections, no continuity correction (chosen explicitly, not by version)
+        r = wilcoxon(d, zero_method="pratt", alternative="two-sided", method="exact" if exact else "approx")
     return {**out, "statistic": float(r.statistic), "p": float(r.pvalue)}
 
 
@@ -460,7 +468,7 @@ class ExtractedMethod(Method):
 
         a = ad.AnnData(data.adata.X, var=pd.DataFrame(index=data.adata.var_names))
         t0 = time.perf_counter()
-        banks = export_operators(self.model, a, data.panel, kinds=["ov"], n_ref_cells=min(128, data.n),
+        banks = export_operators(self.model, a, data.panel, kinds=["ov"], n_ref_cells=min(self.config.n_ref_cells, data.n),
                                  seed=self.config.seed, progress=False)
         spec = self.config.operator
         if spec == "drift":
@@ -802,6 +810,15 @@ def _floor(ep: Endpoint, cells: Cells, target: np.ndarray, groups: np.ndarray) -
         return {"auroc": 0.5, "balanced_accuracy": 0.5,
                 "rule": "chance" + (f" (marker genes {missing} absent from the panel)" if missing else "")}
     classes = sorted(set(target[pd.notna(target)].astype(str)))
+    usable = {c: [g for g in genes if g in where] for c, genes in fm.items()}
+    usable = {c: g for c, g in usable.items() if g}
+    if usable:
+        names = list(usable)
+        S = np.stack([cells.x[:, [where[g] for g in usable[c]]].mean(1) for c in names], axis=1)
+        S = (S - S.mean(0)) / (S.std(0) + 1e-8)  # markers differ in level; compare z-scores
+        pred = np.asarray(names)[S.argmax(1)]
+        out = score_endpoint(ep, target, {"pred": pred}, groups)
+        return {**out, "rule": "argmax of z-scored marker means (" + ", ".join(names) + ")"}
     return {"balanced_accuracy": 1.0 / max(1, len(classes)), "macro_f1": float("nan"), "rule": f"chance (1/{len(classes)})"}
 
 
@@ -862,11 +879,11 @@ def prepare_dataset(adata: ad.AnnData, config: BenchConfig, vocabulary: Iterable
 def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: str = "campaign",
                  layer: str | None = None, progress: bool = True) -> BenchResult:
     """Run every method on every split and score every endpoint; see the module docstring."""
-    from .models import load_default_model, resolve_model
+    from .models.api import resolve_model
     from .ontology import StageDAG
 
     t_start = time.perf_counter()
-    model = resolve_model(model) if model is not None else load_default_model()
+    model = resolve_model(model)
     adata, panel, x, kind = prepare_dataset(adata, config, model.vocab.genes, layer=layer)
     obs = adata.obs
     donors = (obs[config.donor_key].astype(str).to_numpy() if config.donor_key

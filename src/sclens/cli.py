@@ -373,6 +373,65 @@ def validate_cmd(
         _fail(exc)
 
 
+@app.command("bench")
+def bench_cmd(
+    data_path: Path = typer.Argument(..., help="Labelled cells (.h5ad) with a donor column."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder (bench_<name>.json/.md/.html)."),
+    endpoints: Optional[Path] = typer.Option(None, help="TOML file of [[endpoint]] tables (+ settings, [stage_map])."),
+    donor_key: Optional[str] = typer.Option(None, help="obs column of donors (needed unless --scheme cells)."),
+    label_key: Optional[str] = typer.Option(None, help="obs column of cell-type labels (stages for the extracted adaptor)."),
+    binary: List[str] = typer.Option([], help="Binary endpoint on --label-key: 'A|B vs C' (repeatable)."),
+    multiclass: List[str] = typer.Option([], help="Multi-class endpoint on this obs column (repeatable)."),
+    depth: List[str] = typer.Option([], help="Depth endpoint: a numeric obs column (repeatable)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all that are installed)."),
+    scheme: Optional[str] = typer.Option(None, help="shuffle (default), kfold, loo, or cells (single source)."),
+    n_splits: Optional[int] = typer.Option(None, help="Number of splits (default 12; loo: one per donor)."),
+    seed: Optional[int] = typer.Option(None), var_key: Optional[str] = typer.Option(None, help="var column with gene ids."),
+    operator: Optional[str] = typer.Option(None, help="Extracted operator: 'drift' (default) or 'L<l>H<h>'."),
+    scvi_epochs: Optional[int] = typer.Option(None), adaptor_epochs: Optional[int] = typer.Option(None),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint dir (default: embedded model)."),
+    name: Optional[str] = typer.Option(None, help="Campaign name (default: the data file's stem)."),
+    layer: Optional[str] = typer.Option(None),
+) -> None:
+    """Donor-holdout benchmark of the extracted algorithm against the usual tools, on any labelled dataset."""
+    from .bench import METHODS, BenchConfig, Endpoint, parse_binary_spec, read_bench_config, run_campaign
+    from .data import read_h5ad
+
+    try:
+        overrides = dict(donor_key=donor_key, label_key=label_key, scheme=scheme, n_splits=n_splits, seed=seed,
+                         var_key=var_key, operator=operator, scvi_epochs=scvi_epochs, adaptor_epochs=adaptor_epochs,
+                         methods=_split(methods) if methods else None)
+        cli_eps = []
+        for spec in binary:
+            if not (label_key or endpoints):
+                raise SclensError("--binary needs --label-key (the column whose labels it names)")
+            cli_eps.append(("binary", spec))
+        cli_eps += [("multiclass", c) for c in multiclass] + [("depth", c) for c in depth]
+        if endpoints:
+            cfg = read_bench_config(endpoints, **overrides)
+        else:
+            if not cli_eps:
+                raise SclensError("declare endpoints: --endpoints FILE.toml, or --binary / --multiclass / --depth")
+            cfg = BenchConfig(endpoints=[], **{k: v for k, v in overrides.items() if v is not None})
+        for kind, spec in cli_eps:
+            if kind == "binary":
+                cfg.endpoints.append(parse_binary_spec(spec, cfg.label_key))
+            else:
+                cfg.endpoints.append(Endpoint(spec, kind, spec))
+        if cfg.scheme == "loo" and n_splits is None:
+            cfg.n_splits = 0
+        adata = read_h5ad(data_path)
+        res = run_campaign(adata, cfg, model=str(model) if model else None, name=name or data_path.stem, layer=layer)
+        paths = res.save(out)
+        typer.echo(res.summary.to_string(index=False, max_colwidth=28,
+                                         columns=["endpoint", "metric", "method", "mean", "ci_low", "ci_high", "saturated"]))
+        for m, why in res.skipped.items():
+            typer.echo(f"skipped {m}: {why}")
+        typer.echo(f"panel {res.info['panel_size']} genes; {res.info['n_splits']} splits; report -> {paths['html']}")
+    except SclensError as exc:
+        _fail(exc)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,220 @@
+"""Benchmark machinery: metrics and statistics with known answers, splits, leakage, endpoint files, CLI."""
+
+import json
+import math
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import norm
+from typer.testing import CliRunner
+
+from sclens import bench
+from sclens.bench import (BenchConfig, Endpoint, abs_spearman, auroc, balanced_accuracy, bh_qvalues, depth_ceiling,
+                          donor_splits, macro_f1, paired_wilcoxon, parse_binary_spec, read_bench_config, run_campaign,
+                          score_endpoint)
+from sclens.errors import InputError
+
+
+# ------------------------------------------------------------------ metrics
+def test_metrics_known_answers():
+    assert auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert math.isnan(auroc([1, 1], [0.2, 0.3]))
+    assert balanced_accuracy(["a", "a", "a", "b"], ["a", "a", "b", "b"]) == pytest.approx((2 / 3 + 1) / 2)
+    # a class that is only predicted (c) adds no zero recall
+    assert balanced_accuracy(["a", "b"], ["a", "c"]) == pytest.approx(0.5)
+    # F1(a) = 2/3, F1(b) = 0.8
+    assert macro_f1(["a", "a", "b", "b"], ["a", "b", "b", "b"]) == pytest.approx((2 / 3 + 0.8) / 2)
+    assert abs_spearman([0, 1, 2, 3], [9, 5, 2, 1]) == pytest.approx(1.0)
+    assert math.isnan(abs_spearman([0, 1, 2, 3], [1, 1, 1, 1]))
+    # ceiling with two tied levels: Spearman(depth, 0..3) = corr([1.5,1.5,3.5,3.5], [1,2,3,4])
+    assert depth_ceiling([0, 0, 1, 1]) == pytest.approx(2 / math.sqrt(5))
+    assert depth_ceiling([0, 1, 2, 3]) == pytest.approx(1.0)
+
+
+def test_score_endpoint_averages_over_test_donors():
+    ep = Endpoint("b", "binary", "lab", positive=["P"], negative=["N"])
+    target = np.array([0, 1, 0, 1, 0, 1, np.nan])
+    score = np.array([0.2, 0.9, 0.6, 0.4, 0.1, 0.7, 0.5])
+    groups = np.array(["d1", "d1", "d2", "d2", "d3", "d3", "d3"])
+    res = score_endpoint(ep, target, {"score": score}, groups)
+    assert res["auroc"] == pytest.approx((1 + 0 + 1) / 3)
+    assert res["balanced_accuracy"] == pytest.approx((1 + 0 + 1) / 3)
+    dep = Endpoint("d", "depth", "t")
+    res = score_endpoint(dep, np.array([0, 1, 2, 0, 1, 2.0]), {"pseudotime": np.array([0, 1, 2, 2, 1, 0.0])},
+                         np.array(["a"] * 3 + ["b"] * 3))
+    assert res["abs_spearman"] == pytest.approx(1.0)  # |rho| per donor: orientation is not scored
+
+
+# ------------------------------------------------------------------ statistics
+def test_paired_wilcoxon_known_answers():
+    r = paired_wilcoxon([1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0])
+    assert r["p"] == pytest.approx(2 / 64) and (r["wins"], r["ties"], r["losses"]) == (6, 0, 0)  # exact
+    # tied magnitudes: normal approximation with tie correction (var = 91/4 - (6^3-6)/48)
+    r = paired_wilcoxon([1] * 6, [0] * 6)
+    assert r["p"] == pytest.approx(2 * norm.sf(10.5 / math.sqrt(22.75 - 210 / 48)))
+    # a zero difference (Pratt): ranked with the others, then dropped; mean and variance corrected for it
+    r = paired_wilcoxon([0, 1, 2, -3, 4, 5], [0] * 6)
+    mu, var = 6 * 7 / 4 - 2 / 4, 6 * 7 * 13 / 24 - 6 / 24
+    assert r["ties"] == 1 and r["p"] == pytest.approx(2 * norm.sf((16 - mu) / math.sqrt(var)))
+    assert paired_wilcoxon([0.5, 0.7, 0.1], [0.5, 0.7, 0.1])["p"] == 1.0  # all zero differences
+    assert math.isnan(paired_wilcoxon([0.5, np.nan], [0.1, 0.2])["p"])  # one usable pair
+
+
+def test_bh_qvalues_known_answers_and_nan():
+    q = bh_qvalues([0.01, 0.04, 0.03, 0.5, np.nan])
+    assert np.allclose(q[:4], [0.04, 0.16 / 3, 0.16 / 3, 0.5])
+    assert math.isnan(q[4])
+
+
+# ------------------------------------------------------------------ splits
+def test_donor_splits_are_disjoint_seeded_and_fail_clearly():
+    donors = np.repeat([f"d{i}" for i in range(10)], 5)
+    a = donor_splits(donors, n_splits=12, seed=3)
+    b = donor_splits(donors, n_splits=12, seed=3)
+    assert len(a) == 12 and all(np.array_equal(x.test, y.test) for x, y in zip(a, b))
+    for s in a:
+        assert not set(donors[s.train]) & set(donors[s.test])
+        assert len(set(donors[s.test])) == 2  # 20 % of 10 donors
+    loo = donor_splits(donors, scheme="loo")
+    assert len(loo) == 10 and all(len(set(donors[s.test])) == 1 for s in loo)
+    kf = donor_splits(donors, scheme="kfold", n_splits=5, seed=0)
+    assert sorted(np.concatenate([s.test for s in kf]).tolist()) == list(range(50))
+    with pytest.raises(InputError, match="needs at least 3 donors"):
+        donor_splits(["a", "a", "b"], n_splits=2)
+    with pytest.raises(InputError, match="needs at least 12 donors"):
+        donor_splits(donors, scheme="kfold", n_splits=12)
+    cells = donor_splits(["s"] * 40, scheme="cells", n_splits=3, strata=["x", "y"] * 20, seed=0)
+    assert all(len(s.test) == 8 for s in cells)
+
+
+# ------------------------------------------------------------------ endpoints
+def test_endpoint_parsing_and_errors(tmp_path):
+    ep = parse_binary_spec("CD4 T | Treg vs CD8 T", "cell_type")
+    assert ep.negative == ["CD4 T", "Treg"] and ep.positive == ["CD8 T"]
+    with pytest.raises(InputError, match="expected 'A vs B'"):
+        parse_binary_spec("CD4 T, CD8 T", "cell_type")
+    with pytest.raises(InputError, match="on both sides"):
+        Endpoint("x", "binary", "c", positive=["a"], negative=["a"])
+    obs = pd.DataFrame({"c": ["a", "b", "a"]})
+    with pytest.raises(InputError, match=r"labels not found in 'c': \['z'\]"):
+        Endpoint("x", "binary", "c", positive=["z"], negative=["a"]).check(obs)
+    with pytest.raises(InputError, match="obs column 'nope' not found"):
+        Endpoint("x", "multiclass", "nope").targets(obs)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('label_key = "c"\nfoo = 1\n[[endpoint]]\nname = "m"\nkind = "multiclass"\n')
+    with pytest.raises(InputError, match=r"unknown settings \['foo'\]"):
+        read_bench_config(bad)
+    bad.write_text('label_key = "c"\n')
+    with pytest.raises(InputError, match="at least one"):
+        read_bench_config(bad)
+
+
+# ------------------------------------------------------------------ leakage
+class _Spy(bench.Method):
+    name = "spy"
+    seen_fit: list = []
+
+    def fit(self, train, endpoints, targets):
+        _Spy.seen_fit.append(set(train.adata.obs["_row"]))
+
+    def embed_or_predict(self, cells, idx):
+        return {"embedding": cells.x[:, :5]}
+
+
+def _toy(n_donors=5, per=30, seed=0):
+    rng = np.random.default_rng(seed)
+    from sclens.models import load_default_model
+
+    genes = [g for g in load_default_model().vocab.genes if g.isalpha() and g.isupper()][:60]
+    n = n_donors * per
+    lab = np.array(["CD4 T cells", "CD8 T cells", "B cells"] * (n // 3 + 1))[:n]
+    X = rng.poisson(2.0, size=(n, len(genes))).astype(np.float32)
+    X[lab == "CD8 T cells", :5] += rng.poisson(6.0, size=((lab == "CD8 T cells").sum(), 5))
+    obs = pd.DataFrame({"individual": np.repeat([f"p{i}" for i in range(n_donors)], per), "annot": lab,
+                        "maturity": (lab == "B cells").astype(float) + rng.random(n) * 0.1})
+    return ad.AnnData(X, obs=obs, var=pd.DataFrame(index=genes))
+
+
+def test_methods_fit_on_training_donors_only(monkeypatch):
+    monkeypatch.setitem(bench.METHODS, "spy", _Spy)
+    _Spy.seen_fit.clear()
+    a = _toy()
+    cfg = BenchConfig(endpoints=[Endpoint("t", "binary", "annot", positive=["CD8 T cells"], negative=["CD4 T cells"])],
+                      donor_key="individual", n_splits=4, methods=["spy"], seed=1)
+    res = run_campaign(a, cfg, progress=False)
+    donors = a.obs["individual"].to_numpy()
+    for seen, sp in zip(_Spy.seen_fit, res.info["splits"]):
+        assert not set(donors[list(seen)]) & set(sp["test_groups"])  # no test donor's cell reached fit
+        assert len(seen) == sp["n_train"]
+    # the shared readouts standardise with TRAINING statistics only
+    Ztr, Zte = np.arange(20.0).reshape(10, 2), np.full((4, 2), 100.0)
+    y = {"t": np.array([0, 1] * 5, float)}
+    _, _, scaler = bench._shared_readouts(Ztr, Zte, cfg.endpoints, y, seed=0, max_cells=100)
+    assert np.allclose(scaler.mean_, Ztr.mean(0))
+    assert res.info["source_equals_donor"] is False and len(res.scores)
+
+
+# ------------------------------------------------------------------ CLI, unfamiliar data, end to end
+def test_cli_bench_unfamiliar_columns_ensembl_ids_and_own_endpoint_file(tmp_path):
+    from sclens.cli import app
+    from sclens.data import ensembl_to_symbol
+
+    a = _toy(n_donors=5, per=36)
+    sym2ens = {s: e for e, s in ensembl_to_symbol().items()}
+    keep = [g for g in a.var_names if g in sym2ens]
+    a = a[:, keep].copy()
+    a.var["symbol"] = a.var_names
+    a.var_names = [sym2ens[g] for g in keep]
+    a.write_h5ad(tmp_path / "mine.h5ad")
+    (tmp_path / "endpoints.toml").write_text(
+        'donor_key = "individual"\nlabel_key = "annot"\nn_splits = 3\nscvi_epochs = 2\n'
+        'adaptor_epochs = 3\nn_ref_cells = 8\n'
+        '[stage_map]\n"CD4 T cells" = "Naive CD4 T"\n"CD8 T cells" = "Naive CD8 T"\n"B cells" = "Naive B"\n'
+        '[[endpoint]]\nname = "cd8_vs_cd4"\nkind = "binary"\ncolumn = "annot"\n'
+        'positive = ["CD8 T cells"]\nnegative = ["CD4 T cells"]\n'
+        'floor_markers = {positive = ["' + keep[0] + '"], negative = []}\n'
+        '[[endpoint]]\nname = "types"\nkind = "multiclass"\ncolumn = "annot"\n'
+        '[[endpoint]]\nname = "maturity"\nkind = "depth"\ncolumn = "maturity"\n')
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "mine.h5ad"), "--endpoints", str(tmp_path / "endpoints.toml"),
+                                 "-o", str(tmp_path / "rep"), "--methods", "sclens_extracted,raw_log1p,pca10,dpt",
+                                 "--name", "mine"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "rep" / "bench_mine.json").read_text())
+    assert rep["info"]["panel_size"] == len(keep) < 1200 and "panel" in r.output
+    got = {(s["endpoint"], s["method"]) for s in rep["summary"]}
+    assert ("cd8_vs_cd4", "sclens_extracted") in got and ("maturity", "dpt") in got and ("types", "pca10") in got
+    assert all(c["reference"] == "sclens_extracted" and c["q"] is not None for c in rep["comparisons"] if c["p"] is not None)
+    floor = [s for s in rep["summary"] if s["endpoint"] == "cd8_vs_cd4"][0]
+    assert keep[0] in floor["floor_rule"] and floor["floor"] > 0.8  # the planted marker gene separates the classes
+    assert (tmp_path / "rep" / "bench_mine.html").stat().st_size > 1000
+    assert rep["params"]["sclens_extracted"]["method"] > 0
+    # a missing label column is a clear error, not a traceback
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "mine.h5ad"), "-o", str(tmp_path / "x"), "--donor-key",
+                                 "individual", "--multiclass", "cell_type"])
+    assert r.exit_code == 2 and "cell_type" in r.output
+
+
+def test_peer_methods_run_through_their_libraries(monkeypatch):
+    """scVI, CellTypist, Palantir, DPT and the MLP probe, each through its real library (sclens[bench])."""
+    for mod in ("scvi", "celltypist", "palantir"):
+        pytest.importorskip(mod)
+    a = _toy(n_donors=4, per=45, seed=2)
+    eps = [Endpoint("cd8", "binary", "annot", positive=["CD8 T cells"], negative=["CD4 T cells"]),
+           Endpoint("types", "multiclass", "annot"), Endpoint("maturity", "depth", "maturity")]
+    cfg = BenchConfig(endpoints=eps, donor_key="individual", n_splits=2, scvi_epochs=3, seed=0,
+                      methods=["scvi10", "celltypist", "palantir", "dpt", "mlp_probe"])
+    res = run_campaign(a, cfg, progress=False)
+    assert not res.skipped, res.skipped
+    s = res.summary.set_index(["endpoint", "metric", "method"])["mean"]
+    assert s[("cd8", "auroc", "celltypist")] > 0.9 and s[("cd8", "auroc", "scvi10")] > 0.5
+    assert np.isfinite(s[("maturity", "abs_spearman", "palantir")]) and np.isfinite(s[("maturity", "abs_spearman", "dpt")])
+    assert np.isfinite(s[("types", "balanced_accuracy", "mlp_probe")])
+    assert all(res.params[m]["total"] > 0 for m in ("scvi10", "celltypist", "mlp_probe"))
+    assert (res.runtime.query("method == 'mlp_probe' and split == -1")["seconds"] > 0).all()  # frozen-model embedding
+    # a peer that is not installed is reported with the reason, never faked
+    monkeypatch.setattr(bench.SCVIMethod, "requires", ("sclens_no_such_module",))
+    cfg.methods = ["scvi10", "raw_log1p"]
+    res = run_campaign(a, cfg, progress=False)
+    assert "sclens[bench]" in res.skipped["scvi10"] and "scvi10" not in set(res.scores.method)
