@@ -395,6 +395,7 @@ class Method:
 
     def __init__(self, config: BenchConfig, model=None):
         self.config, self.model, self.n_trainable, self.info = config, model, 0, {}
+        self.progress = False  # set by the harness: long one-time work shows a bar
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -657,7 +658,8 @@ class MLPProbeMethod(Method):
         a = ad.AnnData(data.adata.X, var=pd.DataFrame(index=data.adata.var_names))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.E = embed_cells(a, self.model, pooling="avg", progress=False, seed=self.config.seed, copy=False)
+            self.E = embed_cells(a, self.model, pooling="avg", progress=self.progress, seed=self.config.seed,
+                                 copy=False)
 
     def fit(self, train, endpoints, targets):
         from sklearn.neural_network import MLPClassifier, MLPRegressor
@@ -840,6 +842,16 @@ class BenchResult:
         return {"name": self.name, "info": self.info, "summary": rec(self.summary), "comparisons": rec(self.comparisons),
                 "runtime": rec(self.runtime), "params": self.params, "skipped": self.skipped, "scores": rec(self.scores)}
 
+    @classmethod
+    def from_json(cls, path: str | Path) -> "BenchResult":
+        """Reload a saved campaign (``bench_<name>.json``), e.g. to re-render its report."""
+        import json
+
+        d = json.loads(Path(path).read_text())
+        df = lambda k: pd.DataFrame(d[k]).astype({"value": float} if k == "scores" else {})  # noqa: E731
+        return cls(d["name"], df("scores"), df("summary").fillna(np.nan), df("comparisons"), df("runtime"),
+                   d["params"], d["skipped"], d["info"])
+
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         from .bench_report import write_report
 
@@ -899,6 +911,10 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
     strata = labels if config.label_key else None
     splits = donor_splits(donors, scheme=config.scheme, n_splits=config.n_splits, test_fraction=config.test_fraction,
                           seed=config.seed, strata=strata)
+    libsize = None
+    if kind == "counts":
+        X = adata.X.to_memory() if hasattr(adata.X, "to_memory") else adata.X
+        libsize = np.asarray(X.sum(1), dtype=float).ravel()
     base_obs = pd.DataFrame({"_row": np.arange(adata.n_obs), "_donor": donors}, index=obs.index.astype(str))
 
     def cells(idx: np.ndarray) -> Cells:
@@ -920,6 +936,7 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
             skipped[mname] = reason
         else:
             methods[mname] = cls(config, model)
+            methods[mname].progress = progress
     rows, runtime = [], []
     all_cells = cells(np.arange(adata.n_obs))
     for mname, m in list(methods.items()):
@@ -979,6 +996,10 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
                 if ep.name not in preds:
                     continue
                 sc_ = score_endpoint(ep, t_te[ep.name], preds[ep.name], groups)
+                if ep.kind == "depth" and libsize is not None:
+                    # negative control: an ordering that follows sequencing depth is not maturation
+                    sc_["libsize_abs_spearman"] = score_endpoint(
+                        ep, libsize[sp_.test], preds[ep.name], groups)["abs_spearman"]
                 for metric, v in sc_.items():
                     rows.append({"split": sp_.index, "method": mname, "endpoint": ep.name, "metric": metric, "value": v,
                                  "test_groups": ",".join(sp_.test_groups)})
@@ -1009,12 +1030,16 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
 def _summarise(scores: pd.DataFrame, endpoints, floors, ceilings) -> pd.DataFrame:
     out = []
     for ep in endpoints:
-        for metric in ep.metrics:
+        extra = ("libsize_abs_spearman",) if ep.kind == "depth" and "libsize_abs_spearman" in set(scores.metric) else ()
+        for metric in ep.metrics + extra:
             sub = scores[(scores.endpoint == ep.name) & (scores.metric == metric)]
             fl = [f.get(metric) for f in floors[ep.name] if f.get(metric) is not None]
             floor = float(np.nanmean(fl)) if fl and np.isfinite(fl).any() else float("nan")
             ceiling = float(np.nanmean(ceilings[ep.name])) if ep.kind == "depth" and ceilings[ep.name] else 1.0
             rule = floors[ep.name][0].get("rule", "") if floors[ep.name] else ""
+            if metric == "libsize_abs_spearman":
+                floor, ceiling = float("nan"), float("nan")
+                rule = "negative control: |Spearman| of the depth prediction with library size (lower is better)"
             best_lo = -np.inf
             rows_ep = []
             for mname, g in sub.groupby("method", sort=False):
@@ -1037,6 +1062,8 @@ def _compare(scores: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
     if reference not in set(scores.method):
         return pd.DataFrame(columns=["endpoint", "metric", "method", "p", "q"])
     for (ep, metric), sub in scores.groupby(["endpoint", "metric"], sort=False):
+        if metric not in sum(METRICS.values(), ()):
+            continue  # diagnostics (library-size control) are reported, not tested
         wide = sub.pivot_table(index="split", columns="method", values="value", dropna=False)
         if reference not in wide:
             continue

@@ -71,7 +71,8 @@ def _figures(result) -> list[str]:
                     fig.add_hline(y=val, line_dash=dash, annotation_text=label)
         fig.update_layout(title=f"{ep} · {metric} (one point per split)", height=380, showlegend=False,
                           margin=dict(l=40, r=20, t=50, b=80))
-        divs.append(fig.to_html(full_html=False, include_plotlyjs=first))
+        # one shared plotly.min.js beside the reports (written by write_report), not 4.6 MB inside each page
+        divs.append(fig.to_html(full_html=False, include_plotlyjs="directory" if first else False))
         first = False
     return divs
 
@@ -111,6 +112,11 @@ def write_report(result, out_dir: Path) -> dict[str, Path]:
             "body{font-family:sans-serif;max-width:1100px;margin:auto} table{border-collapse:collapse;font-size:13px}"
             "td,th{border:1px solid #ccc;padding:2px 6px} .note{color:#555}</style></head><body>"
             + "\n".join(sections) + "</body></html>")
+    js = out_dir / "plotly.min.js"
+    if not js.is_file():
+        from plotly.offline import get_plotlyjs
+
+        atomic_write(js, lambda p: Path(p).write_text(get_plotlyjs()))
     paths["html"] = atomic_write(out_dir / f"{stem}.html", lambda p: Path(p).write_text(page))
     return paths
 

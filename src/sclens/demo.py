@@ -112,7 +112,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     t_all = time.perf_counter()
 
     # 1. model -------------------------------------------------------------------------------
-    con.rule("[bold]1/7 model")
+    con.rule("[bold]1/8 model")
     t = time.perf_counter()
     model = load_default_model()
     log_path = Path(str(default_model_dir())) / "training_log.json"
@@ -130,7 +130,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["model"] = time.perf_counter() - t
 
     # 2. data --------------------------------------------------------------------------------
-    con.rule("[bold]2/7 data")
+    con.rule("[bold]2/8 data")
     t = time.perf_counter()
     dag = StageDAG.default()
     pbmc = pbmc68k()
@@ -152,7 +152,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["data"] = time.perf_counter() - t
 
     # 3. embeddings --------------------------------------------------------------------------
-    con.rule("[bold]3/7 cell embeddings")
+    con.rule("[bold]3/8 cell embeddings")
     t = time.perf_counter()
     emb_rep = {}
     sim_sub = sim[np.sort(np.random.default_rng(seed).choice(sim.n_obs, size=min(sim.n_obs, 300 if quick else 600),
@@ -183,7 +183,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["embeddings"] = time.perf_counter() - t
 
     # 4. attention heads ---------------------------------------------------------------------
-    con.rule("[bold]4/7 attention heads (hooks)")
+    con.rule("[bold]4/8 attention heads (hooks)")
     t = time.perf_counter()
     panel = select_panel(sim, model.vocab.genes, n_genes=300 if quick else 600)
     rng = np.random.default_rng(seed)
@@ -218,7 +218,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["heads"] = time.perf_counter() - t
 
     # 5. operators + screen ------------------------------------------------------------------
-    con.rule("[bold]5/7 operators and gated unit screen")
+    con.rule("[bold]5/8 operators and gated unit screen")
     t = time.perf_counter()
     from .anchors import build_anchors
     from .operators import export_operators
@@ -251,7 +251,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["screen"] = time.perf_counter() - t
 
     # 6. extraction ---------------------------------------------------------------------------
-    con.rule("[bold]6/7 extraction: operator -> adaptor -> readouts, apply, zero-shot transfer")
+    con.rule("[bold]6/8 extraction: operator -> adaptor -> readouts, apply, zero-shot transfer")
     t = time.perf_counter()
     import warnings
 
@@ -298,8 +298,34 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
               f"{tm['cells']['pseudotime_depth_spearman']:.3f}")
     report["timings_s"]["extract"] = time.perf_counter() - t
 
-    # 7. pretraining -------------------------------------------------------------------------
-    con.rule("[bold]7/7 pretraining (masked expression)")
+    # 7. benchmark ---------------------------------------------------------------------------
+    con.rule("[bold]7/8 benchmark: a short donor-holdout campaign (SYNTHETIC)")
+    t = time.perf_counter()
+    from .bench import BenchConfig, Endpoint, run_campaign
+
+    bcfg = BenchConfig(
+        endpoints=[Endpoint("branch", "multiclass", "branch"),
+                   Endpoint("cd4_vs_cd8", "binary", "cell_type", negative=["Naive CD4 T", "Memory CD4 T"],
+                            positive=["Naive CD8 T", "Memory CD8 T"], floor_markers={"positive": ["CD8A", "CD8B"],
+                                                                                     "negative": ["CD4"]}),
+                   Endpoint("pseudotime_depth", "depth", "depth")],
+        donor_key="donor", label_key="cell_type", scheme="shuffle", n_splits=2 if quick else 3, seed=seed,
+        methods=["sclens_extracted", "raw_log1p", "pca10", "dpt"], adaptor_epochs=40 if quick else 120,
+        n_ref_cells=32 if quick else 128, title="demo campaign on the simulated cohort (SYNTHETIC)",
+        notes=["SYNTHETIC data; fast methods only (the full campaigns: benchmarks/bench_campaigns.py)."])
+    bres = run_campaign(sim, bcfg, model=model, name="demo", progress=True)
+    bpaths = bres.save(out / "bench")
+    report["stages"]["bench"] = {"data": "SYNTHETIC", "summary": bres.to_dict()["summary"],
+                                 "comparisons": bres.to_dict()["comparisons"], "skipped": bres.skipped,
+                                 "runtime_seconds": bres.info["runtime_ratio"], "report": "bench/" + bpaths["html"].name}
+    report["figures"]["bench_report"] = "bench/" + bpaths["html"].name
+    head = bres.summary[bres.summary.metric.isin(["balanced_accuracy", "auroc", "abs_spearman"])]
+    for (ep, metric), sub in head.groupby(["endpoint", "metric"], sort=False):
+        con.print(f"{ep} {metric}: " + ", ".join(f"{r.method} {r['mean']:.3f}" for _, r in sub.iterrows()))
+    report["timings_s"]["bench"] = time.perf_counter() - t
+
+    # 8. pretraining -------------------------------------------------------------------------
+    con.rule("[bold]8/8 pretraining (masked expression)")
     t = time.perf_counter()
     pcfg = PretrainConfig(n_layers=2, n_heads=4, d_model=64, d_hid=128, train_seq_len=96, batch_size=16,
                           steps=40 if quick else 200, warmup_steps=10, eval_every=20 if quick else 50,

@@ -388,6 +388,8 @@ class Readout:
         return Z @ self.coef.T + self.intercept
 
     def predict_proba(self, Z: np.ndarray) -> np.ndarray:
+        if self.kind == "classifier" and len(self.classes) == 1:
+            return np.ones((len(Z), 1), np.float32)  # one class seen in training (e.g. a B-cell-only set)
         s = self.logits(Z).astype(np.float64)
         if s.shape[1] == 1:
             p1 = 1.0 / (1.0 + np.exp(-s[:, 0]))
@@ -405,6 +407,10 @@ class Readout:
 def fit_classifier(name: str, Z: np.ndarray, labels: np.ndarray, *, seed: int = 0, C: float = 1.0) -> Readout:
     from sklearn.linear_model import LogisticRegression
 
+    classes = np.unique(labels)
+    if len(classes) == 1:  # nothing to separate: a constant readout, stated in its info
+        return Readout(name, "classifier", np.zeros((1, Z.shape[1]), np.float32), np.zeros(1, np.float32),
+                       [str(classes[0])], {"n_train": int(len(labels)), "C": C, "constant": True})
     clf = LogisticRegression(C=C, max_iter=3000, random_state=seed).fit(Z, labels)
     return Readout(name, "classifier", clf.coef_.astype(np.float32), clf.intercept_.astype(np.float32),
                    [str(c) for c in clf.classes_], {"n_train": int(len(labels)), "C": C})
@@ -747,8 +753,8 @@ def extract(
     model = ExtractedModel(operator, ad_model, {})
     Z_ro = model.latent(x_ro)
     st_ro = stages[ro].astype(str)
-    readouts = {"branch": fit_classifier("branch", Z_ro, np.array([dag.branch[s] for s in st_ro]), seed=seed),
-                "stage": fit_classifier("stage", Z_ro, st_ro, seed=seed)}
+    readouts = {key: fit_classifier(key, Z_ro, lab, seed=seed)
+                for key, lab in (("branch", np.array([dag.branch[s] for s in st_ro])), ("stage", st_ro))}
     for probe in PROBES:
         lab = probe_labels(st_ro, probe)
         have = pd.notna(lab)
