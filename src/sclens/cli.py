@@ -394,7 +394,7 @@ def bench_cmd(
     layer: Optional[str] = typer.Option(None),
 ) -> None:
     """Donor-holdout benchmark of the extracted algorithm against the usual tools, on any labelled dataset."""
-    from .bench import METHODS, BenchConfig, Endpoint, parse_binary_spec, read_bench_config, run_campaign
+    from .bench import BenchConfig, Endpoint, parse_binary_spec, read_bench_config, run_campaign
     from .data import read_h5ad
 
     try:
@@ -418,8 +418,6 @@ def bench_cmd(
                 cfg.endpoints.append(parse_binary_spec(spec, cfg.label_key))
             else:
                 cfg.endpoints.append(Endpoint(spec, kind, spec))
-        if cfg.scheme == "loo" and n_splits is None:
-            cfg.n_splits = 0
         adata = read_h5ad(data_path)
         res = run_campaign(adata, cfg, model=str(model) if model else None, name=name or data_path.stem, layer=layer)
         paths = res.save(out)
