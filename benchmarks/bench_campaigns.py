@@ -1,9 +1,18 @@
 """Run the benchmark campaigns of issue 10 on the offline real data (and the simulator) and write
 ``benchmarks/results/bench/bench_<name>.{json,md,html}``.
 
-    python benchmarks/bench_campaigns.py kang2018 onek1k [--shared ../shared] [--scvi-epochs 50]
+    python benchmarks/bench_campaigns.py kang2018 onek1k paul15 ginhoux pbmc68k_to_mudan synthetic \
+        [--shared ../shared] [--scvi-epochs 50]
 
-The endpoint files in ``benchmarks/campaigns/`` are what a user would pass to ``sclens bench --endpoints``.
+Campaign families (kept apart in every report):
+  (a) real donor holdout: kang2018 (8 donors, leave-one-out), onek1k (100 donors, grouped 10-fold)
+  (b) real single source: paul15, ginhoux (cell-level splits), pbmc68k_to_mudan (cross-source) -
+      source and donor coincide
+  (c) synthetic: simulate_hematopoiesis, 16 new donors, 12 donor-holdout splits
+
+The endpoint files in ``benchmarks/campaigns/`` are what a user would pass to ``sclens bench --endpoints``;
+the loaders below only put the offline files into the shape those files expect (upper-cased mouse symbols,
+two PBMC sources joined on their shared genes, a simulated cohort).
 """
 
 from __future__ import annotations
@@ -13,15 +22,51 @@ import time
 from pathlib import Path
 
 import anndata as ad
+import pandas as pd
 
 from sclens.bench import read_bench_config, run_campaign
 from sclens.bench_report import summary_markdown
 
 HERE = Path(__file__).resolve().parent
 CAMPAIGNS = {
-    "kang2018": ("kang2018_pbmc/kang2018_ctrl_8donors.h5ad", "kang2018_donor_holdout.toml"),
-    "onek1k": ("onek1k_bcell/onek1k_bcell_100donors_pseudotime.h5ad", "onek1k_bcell_donor_kfold.toml"),
+    "kang2018": "kang2018_donor_holdout.toml",
+    "onek1k": "onek1k_bcell_donor_kfold.toml",
+    "paul15": "paul15_cells.toml",
+    "ginhoux": "ginhoux_cells.toml",
+    "pbmc68k_to_mudan": "pbmc68k_to_mudan_sorted.toml",
+    "synthetic": "synthetic_donor_holdout.toml",
 }
+
+
+def _upper_symbols(a: ad.AnnData) -> ad.AnnData:
+    a.var_names = [g.upper() for g in a.var_names]
+    return a[:, ~a.var_names.duplicated()].copy()
+
+
+def load(name: str, shared: Path) -> ad.AnnData:
+    d = shared / "data"
+    if name == "kang2018":
+        return ad.read_h5ad(d / "kang2018_pbmc/kang2018_ctrl_8donors.h5ad")
+    if name == "onek1k":
+        return ad.read_h5ad(d / "onek1k_bcell/onek1k_bcell_100donors_pseudotime.h5ad")
+    if name == "paul15":
+        return _upper_symbols(ad.read_h5ad(d / "paul15_tradeseq/paul15_tradeseq.h5ad"))
+    if name == "ginhoux":
+        return _upper_symbols(ad.read_h5ad(d / "ginhoux_dc/ginhoux_dc.h5ad"))
+    if name == "pbmc68k_to_mudan":
+        from sclens.datasets import pbmc68k
+
+        train = pbmc68k()
+        train.obs = pd.DataFrame({"source": "pbmc68k", "label": train.obs["cell_type"].astype(str)}, index=train.obs_names)
+        test = ad.read_h5ad(d / "mudan_pbmc/referenceCounts_sorted.h5ad")
+        test.obs = pd.DataFrame({"source": "mudan_sorted", "label": test.obs["sorted_population"].astype(str)},
+                                index=test.obs_names)
+        return ad.concat([train, test], join="inner", index_unique="-")
+    if name == "synthetic":
+        from sclens.datasets import simulate_hematopoiesis
+
+        return simulate_hematopoiesis(n_donors=16, cells_per_donor=375, seed=0, donor_seed=11)
+    raise ValueError(name)
 
 
 def main() -> None:
@@ -33,12 +78,11 @@ def main() -> None:
     ap.add_argument("--methods", default=None)
     args = ap.parse_args()
     for name in args.campaigns:
-        data, toml = CAMPAIGNS[name]
-        cfg = read_bench_config(HERE / "campaigns" / toml, scvi_epochs=args.scvi_epochs,
+        cfg = read_bench_config(HERE / "campaigns" / CAMPAIGNS[name], scvi_epochs=args.scvi_epochs,
                                 methods=args.methods.split(",") if args.methods else None)
         cfg.notes = list(cfg.notes) + [f"scVI trained for {cfg.scvi_epochs} epochs (CPU budget; scvi-tools' own rule "
                                        "would give up to 400)."]
-        adata = ad.read_h5ad(args.shared / "data" / data)
+        adata = load(name, args.shared)
         t0 = time.perf_counter()
         res = run_campaign(adata, cfg, name=name)
         paths = res.save(args.out)

@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import norm
 from typer.testing import CliRunner
 
-from sclens import bench
+from sclens import bench, bench_report
 from sclens.bench import (BenchConfig, Endpoint, abs_spearman, auroc, balanced_accuracy, bh_qvalues, depth_ceiling,
                           donor_splits, macro_f1, paired_wilcoxon, parse_binary_spec, read_bench_config, run_campaign,
                           score_endpoint)
@@ -89,6 +89,25 @@ def test_donor_splits_are_disjoint_seeded_and_fail_clearly():
     assert all(len(s.test) == 8 for s in cells)
 
 
+def test_source_splits_train_elsewhere_and_partition_the_test_source():
+    src = np.array(["atlas"] * 60 + ["sorted"] * 30)
+    lab = np.array(["x", "y", "z"] * 30)
+    sp = donor_splits(src, scheme="source", test_sources=["sorted"], n_splits=3, strata=lab, seed=1)
+    assert len(sp) == 3
+    assert sorted(np.concatenate([s.test for s in sp]).tolist()) == list(range(60, 90))  # disjoint folds cover it
+    for s in sp:
+        assert set(src[s.train]) == {"atlas"} and set(src[s.test]) == {"sorted"}
+        assert len(s.train) == 48 and sorted(np.unique(lab[s.train], return_counts=True)[1]) == [16, 16, 16]
+        assert s.test_groups == ["sorted"]
+    assert len({tuple(s.train) for s in sp}) == 3  # the training subsample changes with the split
+    again = donor_splits(src, scheme="source", test_sources=["sorted"], n_splits=3, strata=lab, seed=1)
+    assert all(np.array_equal(a.train, b.train) and np.array_equal(a.test, b.test) for a, b in zip(sp, again))
+    with pytest.raises(InputError, match="missing \\['mudan'\\]"):
+        donor_splits(src, scheme="source", test_sources=["mudan"], n_splits=3)
+    with pytest.raises(InputError, match="nothing is left to train on"):
+        donor_splits(src, scheme="source", test_sources=["atlas", "sorted"], n_splits=3)
+
+
 # ------------------------------------------------------------------ endpoints
 def test_endpoint_parsing_and_errors(tmp_path):
     ep = parse_binary_spec("CD4 T | Treg vs CD8 T", "cell_type")
@@ -102,6 +121,11 @@ def test_endpoint_parsing_and_errors(tmp_path):
         Endpoint("x", "binary", "c", positive=["z"], negative=["a"]).check(obs)
     with pytest.raises(InputError, match="obs column 'nope' not found"):
         Endpoint("x", "multiclass", "nope").targets(obs)
+    grouped = Endpoint("g", "multiclass", "c", label_map={"a": "A", "b": "B"})
+    assert list(Endpoint("g", "multiclass", "c", label_map={"a": "A"}).targets(pd.DataFrame({"c": ["a", "q"]}))) \
+        == ["A", None] and list(grouped.targets(obs)) == ["A", "B", "A"]
+    with pytest.raises(InputError, match="label_map leaves fewer than 2 classes"):
+        Endpoint("g", "multiclass", "c", label_map={"a": "A", "zz": "Z"}).check(obs)
     bad = tmp_path / "bad.toml"
     bad.write_text('label_key = "c"\nfoo = 1\n[[endpoint]]\nname = "m"\nkind = "multiclass"\n')
     with pytest.raises(InputError, match=r"unknown settings \['foo'\]"):
@@ -154,6 +178,13 @@ def test_methods_fit_on_training_donors_only(monkeypatch):
     _, _, scaler = bench._shared_readouts(Ztr, Zte, cfg.endpoints, y, seed=0, max_cells=100)
     assert np.allclose(scaler.mean_, Ztr.mean(0))
     assert res.info["source_equals_donor"] is False and len(res.scores)
+    # cross-source: no cell of the test source reaches fit; the report says source and donor coincide
+    _Spy.seen_fit.clear()
+    cfg.scheme, cfg.test_sources, cfg.n_splits, cfg.label_key = "source", ["p4"], 3, "annot"
+    res = run_campaign(a, cfg, progress=False)
+    assert len(_Spy.seen_fit) == 3 and all(not set(np.flatnonzero(donors == "p4")) & seen for seen in _Spy.seen_fit)
+    assert res.info["source_equals_donor"] is True and res.info["test_sources"] == ["p4"]
+    assert set(res.scores["test_groups"]) == {"p4"} and "Cross-source" in bench_report.summary_markdown(res)
 
 
 # ------------------------------------------------------------------ CLI, unfamiliar data, end to end

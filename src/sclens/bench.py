@@ -57,7 +57,9 @@ class Endpoint:
       score = P(positive); metrics AUROC and balanced accuracy. ``floor_markers`` = {"positive": [...],
       "negative": [...]} gives the no-training marker rule (mean log1p positive minus negative markers).
     * ``multiclass``: every label of ``column`` with at least ``min_cells`` training cells; balanced accuracy
-      and macro-F1. Floor: ``floor_markers`` {label: [genes]} (argmax of marker means) or chance (1/C).
+      and macro-F1. ``label_map`` {label: class} groups labels into classes (e.g. two sources' vocabularies,
+      or stages into branches); labels it does not name are left out. Floor: ``floor_markers``
+      {class: [genes]} (argmax of marker means) or chance (1/C).
     * ``depth``: a numeric ``column`` or ``depth_map`` {label: depth}; |Spearman| per test donor.
     """
 
@@ -68,6 +70,7 @@ class Endpoint:
     negative: list[str] = field(default_factory=list)
     depth_map: dict[str, float] | None = None
     floor_markers: dict[str, list[str]] | None = None
+    label_map: dict[str, str] | None = None
     min_cells: int = 10
 
     def __post_init__(self):
@@ -98,6 +101,9 @@ class Endpoint:
             out[np.isin(lab, self.negative)] = 0.0
             return out
         if self.kind == "multiclass":
+            if self.label_map is not None:
+                mapped = col.astype(str).map({str(k): str(v) for k, v in self.label_map.items()})
+                return np.where(mapped.isna() | col.isna(), None, mapped).astype(object)
             return np.where(col.isna(), None, col.astype(str)).astype(object)
         if self.depth_map is not None:
             return col.astype(str).map({str(k): float(v) for k, v in self.depth_map.items()}).to_numpy(dtype=float)
@@ -115,6 +121,10 @@ class Endpoint:
             if int(np.nansum(t == 1)) == 0 or int(np.nansum(t == 0)) == 0:
                 raise InputError(f"binary endpoint {self.name!r}: no cells on one side; labels not found in "
                                  f"{self.column!r}: {missing}; present: {sorted(have)[:20]}")
+        elif self.kind == "multiclass" and self.label_map is not None and len(set(t[pd.notna(t)])) < 2:
+            raise InputError(f"multiclass endpoint {self.name!r}: label_map leaves fewer than 2 classes; its keys "
+                             f"{sorted(self.label_map)[:10]} vs labels of {self.column!r}: "
+                             f"{sorted(set(obs[self.column].astype(str)))[:20]}")
         elif self.kind == "depth" and np.isfinite(t).sum() < 10:
             raise InputError(f"depth endpoint {self.name!r}: fewer than 10 cells have a depth "
                              f"(depth_map keys vs labels of {self.column!r}?)")
@@ -139,8 +149,9 @@ class BenchConfig:
     donor_key: str | None = None
     label_key: str | None = None
     stage_map: dict[str, str] = field(default_factory=dict)
-    scheme: Literal["shuffle", "kfold", "loo", "cells"] = "shuffle"
+    scheme: Literal["shuffle", "kfold", "loo", "cells", "source"] = "shuffle"
     n_splits: int = 12
+    test_sources: list[str] = field(default_factory=list)
     test_fraction: float = 0.2
     seed: int = 0
     methods: list[str] | None = None
@@ -194,26 +205,30 @@ class Split:
 
 
 def donor_splits(donors: Sequence[str], *, scheme: str = "shuffle", n_splits: int = 12, test_fraction: float = 0.2,
-                 seed: int = 0, strata: Sequence[str] | None = None) -> list[Split]:
+                 seed: int = 0, strata: Sequence[str] | None = None,
+                 test_sources: Sequence[str] | None = None) -> list[Split]:
     """Seeded splits. ``shuffle``: ``n_splits`` random donor draws (``test_fraction`` of donors, >= 1);
     ``kfold``: donors shuffled then cut into ``n_splits`` groups; ``loo``: one donor per split; ``cells``:
-    stratified cell-level splits for single-source data (source and donor coincide: say so in reports).
+    stratified cell-level splits for single-source data (source and donor coincide: say so in reports);
+    ``source``: train on the sources (values of ``donors``) not in ``test_sources``, test on ``test_sources``
+    — split k trains on a seeded stratified ``1 - test_fraction`` subsample of the training sources and tests
+    on the k-th of ``n_splits`` disjoint stratified folds of the test sources' cells.
     No donor is ever on both sides of a donor split."""
     donors = np.asarray(donors, dtype=object).astype(str)
     n = len(donors)
     idx = np.arange(n)
+    if scheme == "source":
+        return _source_splits(donors, test_sources, n_splits, test_fraction, seed, strata)
     if scheme == "cells":
         from sklearn.model_selection import StratifiedShuffleSplit
 
-        y = np.asarray(strata if strata is not None else np.zeros(n), dtype=str)
-        counts = pd.Series(y).value_counts()
-        y = np.where(np.isin(y, counts[counts >= 2].index), y, "__rare__")
+        y = _stratum(strata if strata is not None else np.zeros(n))
         sss = StratifiedShuffleSplit(n_splits=n_splits, test_size=test_fraction, random_state=seed)
         return [Split(i, np.sort(tr), np.sort(te), ["cells"]) for i, (tr, te) in enumerate(sss.split(idx, y))]
     uniq = np.array(sorted(set(donors)))
     need = {"loo": 3, "kfold": max(3, n_splits), "shuffle": 3}
     if scheme not in need:
-        raise InputError(f"scheme must be one of shuffle, kfold, loo, cells; got {scheme!r}")
+        raise InputError(f"scheme must be one of shuffle, kfold, loo, cells, source; got {scheme!r}")
     if len(uniq) < need[scheme]:
         raise InputError(f"donor-holdout scheme {scheme!r} with {n_splits} splits needs at least {need[scheme]} donors; "
                          f"the data have {len(uniq)} ({', '.join(uniq[:10])}). Use scheme='cells' for single-source "
@@ -233,6 +248,49 @@ def donor_splits(donors: Sequence[str], *, scheme: str = "shuffle", n_splits: in
         te = np.isin(donors, g)
         out.append(Split(i, idx[~te], idx[te], [str(x) for x in g]))
     return out
+
+
+def _stratum(y: np.ndarray) -> np.ndarray:
+    """Labels for stratification; classes with fewer than 2 cells pooled so sklearn accepts them."""
+    y = np.asarray(y, dtype=object).astype(str)
+    counts = pd.Series(y).value_counts()
+    return np.where(np.isin(y, counts[counts >= 2].index), y, "__rare__")
+
+
+def _source_splits(sources: np.ndarray, test_sources, n_splits: int, test_fraction: float, seed: int,
+                   strata) -> list[Split]:
+    from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
+
+    uniq = sorted(set(sources))
+    test_sources = [str(t) for t in (test_sources or [])]
+    missing = [t for t in test_sources if t not in uniq]
+    if not test_sources or missing:
+        raise InputError(f"scheme 'source' needs test_sources naming values of the donor/source column; "
+                         f"missing {missing or '(none given)'}; present: {uniq[:20]}")
+    is_test = np.isin(sources, test_sources)
+    if is_test.all():
+        raise InputError(f"scheme 'source': every cell is in test_sources {test_sources}; nothing is left to train on")
+    if n_splits < 2:
+        raise InputError("scheme 'source' needs n_splits >= 2 (disjoint folds of the test sources)")
+    idx = np.arange(len(sources))
+    y = _stratum(strata if strata is not None else np.zeros(len(sources)))
+    tr_all, te_all = idx[~is_test], idx[is_test]
+    if len(te_all) < n_splits:
+        raise InputError(f"scheme 'source': {len(te_all)} test cells cannot make {n_splits} folds")
+    y_te = _stratum(y[te_all])
+    skf_min = pd.Series(y_te).value_counts().min()
+    folds = (StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(te_all, y_te) if skf_min >= n_splits
+             else _plain_folds(len(te_all), n_splits, seed))
+    sss = StratifiedShuffleSplit(n_splits=n_splits, train_size=1.0 - test_fraction, random_state=seed)
+    subs = [tr for tr, _ in sss.split(tr_all, _stratum(y[tr_all]))]
+    return [Split(i, np.sort(tr_all[sub]), np.sort(te_all[fold]), list(test_sources))
+            for i, (sub, (_, fold)) in enumerate(zip(subs, folds))]
+
+
+def _plain_folds(n: int, n_splits: int, seed: int):
+    from sklearn.model_selection import KFold
+
+    return KFold(n_splits, shuffle=True, random_state=seed).split(np.arange(n))
 
 
 # ==================================================================================== metrics
@@ -609,6 +667,9 @@ class CellTypistMethod(Method):
         root.setLevel(level)
         root.handlers = handlers  # importing celltypist reconfigures the root logger
         celltypist.logger.set_level(logging.WARNING)
+        if train.value_kind not in ("counts", "log1p_normalized"):
+            raise MethodSkipped(f"CellTypist accepts only log1p(CP10k) expression (it checks), and these data are "
+                                f"{train.value_kind.replace('_', ' ')} values that cannot be converted to it exactly")
         Xn = _lognorm_all(train)
         self.models, self.n_trainable = {}, 0
         for ep in endpoints:
@@ -752,15 +813,39 @@ def _classifier_labels(ep: Endpoint, y: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 # ==================================================================================== the harness
-def _shared_readouts(Ztr: np.ndarray, Zte: np.ndarray, endpoints, targets_tr, seed: int, max_cells: int = 20_000):
-    """The SAME readouts for every embedding method, fitted on training cells only (scaler included)."""
+@dataclass
+class SharedReadouts:
+    """The SAME readouts for every embedding method: a training-set StandardScaler, then per endpoint a
+    logistic regression (C = 1) or, for depth, a linear regression. ``predict`` maps any latent to the
+    per-endpoint outputs :func:`score_endpoint` reads (used again on ablated latents by the factor audit)."""
+
+    scaler: object
+    models: dict
+    n_params: int
+
+    def predict(self, Z: np.ndarray) -> dict:
+        B = self.scaler.transform(Z)
+        out = {}
+        for name, (kind, m) in self.models.items():
+            if kind == "depth":
+                out[name] = {"pseudotime": m.predict(B)}
+            elif kind == "binary":
+                out[name] = {"score": m.predict_proba(B)[:, list(m.classes_).index("pos")]}
+            else:
+                out[name] = {"pred": m.predict(B)}
+        return out
+
+
+def fit_shared_readouts(Ztr: np.ndarray, endpoints, targets_tr, seed: int, max_cells: int = 20_000) -> SharedReadouts:
+    """Fit :class:`SharedReadouts` on training cells only (scaler included); endpoints with fewer than 10
+    usable training cells or a single class get no readout."""
     from sklearn.linear_model import LinearRegression, LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(Ztr)
-    A, B = scaler.transform(Ztr), scaler.transform(Zte)
+    A = scaler.transform(Ztr)
     rng = np.random.default_rng(seed)
-    out, n_params = {}, 0
+    models, n_params = {}, 0
     for ep in endpoints:
         y = targets_tr[ep.name]
         if ep.kind == "depth":
@@ -774,7 +859,7 @@ def _shared_readouts(Ztr: np.ndarray, Zte: np.ndarray, endpoints, targets_tr, se
             keep = np.sort(rng.choice(keep, size=max_cells, replace=False))
         if ep.kind == "depth":
             reg = LinearRegression().fit(A[keep], y[keep])
-            out[ep.name] = {"pseudotime": reg.predict(B)}
+            models[ep.name] = ("depth", reg)
             n_params += reg.coef_.size + 1
             continue
         if len(np.unique(lab[keep])) < 2:
@@ -783,12 +868,13 @@ def _shared_readouts(Ztr: np.ndarray, Zte: np.ndarray, endpoints, targets_tr, se
             warnings.simplefilter("ignore")
             clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed).fit(A[keep], lab[keep])
         n_params += clf.coef_.size + clf.intercept_.size
-        if ep.kind == "binary":
-            s = clf.predict_proba(B)[:, list(clf.classes_).index("pos")]
-            out[ep.name] = {"score": s}
-        else:
-            out[ep.name] = {"pred": clf.predict(B)}
-    return out, int(n_params), scaler
+        models[ep.name] = (ep.kind, clf)
+    return SharedReadouts(scaler, models, int(n_params))
+
+
+def _shared_readouts(Ztr: np.ndarray, Zte: np.ndarray, endpoints, targets_tr, seed: int, max_cells: int = 20_000):
+    ro = fit_shared_readouts(Ztr, endpoints, targets_tr, seed, max_cells)
+    return ro.predict(Zte), ro.n_params, ro.scaler
 
 
 def _floor(ep: Endpoint, cells: Cells, target: np.ndarray, groups: np.ndarray) -> dict:
@@ -910,7 +996,7 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
     stage_labels[~mapped] = None
     strata = labels if config.label_key else None
     splits = donor_splits(donors, scheme=config.scheme, n_splits=config.n_splits, test_fraction=config.test_fraction,
-                          seed=config.seed, strata=strata)
+                          seed=config.seed, strata=strata, test_sources=config.test_sources)
     libsize = None
     if kind == "counts":
         X = adata.X.to_memory() if hasattr(adata.X, "to_memory") else adata.X
@@ -1022,7 +1108,8 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
             "root_rule": "training cells at the lowest depth level; highest mean z-scored log1p of "
                          f"{list(ROOT_MARKERS)} present in the panel, else the medoid",
             "wall_seconds": time.perf_counter() - t_start,
-            "source_equals_donor": config.scheme == "cells"}
+            "source_equals_donor": config.scheme in ("cells", "source"),
+            "test_sources": list(config.test_sources) if config.scheme == "source" else None}
     info["runtime_ratio"] = _runtime_ratio(runtime_df)
     return BenchResult(name, scores, summary, comparisons, runtime_df, params, skipped, info)
 

@@ -22,7 +22,13 @@ def _fmt(v, digits=3):
 
 def summary_markdown(result) -> str:
     """The headline tables as Markdown (endpoint x method: mean [CI]; comparisons with q-values)."""
-    lines = [f"### {result.info.get('title', result.name)}", ""]
+    info = result.info
+    lines = [f"### {info.get('title', result.name)}", ""]
+    if "n_cells" in info:
+        caveat = _scheme_caveat(info).replace("<b>", "**").replace("</b>", "**")
+        lines += [f"{info['n_cells']} cells, {info['n_donors']} donors, panel {info['panel_size']} genes "
+                  f"({info['value_kind']}); scheme {info['scheme']}, {info['n_splits']} splits, seed {info['seed']}."
+                  + caveat, ""]
     s = result.summary
     for (ep, metric), sub in s.groupby(["endpoint", "metric"], sort=False):
         first = sub.iloc[0]
@@ -77,6 +83,16 @@ def _figures(result) -> list[str]:
     return divs
 
 
+def _scheme_caveat(info: dict) -> str:
+    if info.get("scheme") == "source":
+        return (f" <b>Cross-source</b>: trained on the other sources, tested on {html.escape(', '.join(info.get('test_sources') or []))}"
+                "; each source is one donor, so source and donor coincide (splits vary the training subsample and the "
+                "test fold, not the donor).")
+    if info.get("source_equals_donor"):
+        return " <b>Source and donor coincide</b> (cell-level splits within one source)."
+    return ""
+
+
 def write_report(result, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"bench_{result.name}"
@@ -89,7 +105,7 @@ def write_report(result, out_dir: Path) -> dict[str, Path]:
     sections = [f"<h1>{html.escape(info.get('title', result.name))}</h1>",
                 f"<p>{info['n_cells']} cells, {info['n_donors']} donors, panel {info['panel_size']} genes "
                 f"({html.escape(info['value_kind'])}); scheme <b>{info['scheme']}</b>, {info['n_splits']} splits, seed {info['seed']}."
-                + (" <b>Source and donor coincide</b> (cell-level splits within one source)." if info.get("source_equals_donor") else "")
+                + _scheme_caveat(info)
                 + "</p>"]
     for note in info.get("notes", []):
         sections.append(f"<p class='note'>{html.escape(note)}</p>")

@@ -384,7 +384,9 @@ def bench_cmd(
     multiclass: List[str] = typer.Option([], help="Multi-class endpoint on this obs column (repeatable)."),
     depth: List[str] = typer.Option([], help="Depth endpoint: a numeric obs column (repeatable)."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all that are installed)."),
-    scheme: Optional[str] = typer.Option(None, help="shuffle (default), kfold, loo, or cells (single source)."),
+    scheme: Optional[str] = typer.Option(None, help="shuffle (default), kfold, loo, cells (single source) or source "
+                                         "(train on other sources, test on --test-source)."),
+    test_source: List[str] = typer.Option([], help="With --scheme source: a value of --donor-key to test on (repeatable)."),
     n_splits: Optional[int] = typer.Option(None, help="Number of splits (default 12; loo: one per donor)."),
     seed: Optional[int] = typer.Option(None), var_key: Optional[str] = typer.Option(None, help="var column with gene ids."),
     operator: Optional[str] = typer.Option(None, help="Extracted operator: 'drift' (default) or 'L<l>H<h>'."),
@@ -400,7 +402,7 @@ def bench_cmd(
     try:
         overrides = dict(donor_key=donor_key, label_key=label_key, scheme=scheme, n_splits=n_splits, seed=seed,
                          var_key=var_key, operator=operator, scvi_epochs=scvi_epochs, adaptor_epochs=adaptor_epochs,
-                         methods=_split(methods) if methods else None)
+                         methods=_split(methods) if methods else None, test_sources=list(test_source) or None)
         cli_eps = []
         for spec in binary:
             if not (label_key or endpoints):
