@@ -28,7 +28,7 @@ import tomllib
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import anndata as ad
 import numpy as np
@@ -38,7 +38,7 @@ import scipy.sparse as sp
 from . import __version__
 from .data import GenePanel, detect_value_kind, log_normalize, require_obs_columns
 from .errors import InputError
-from .utils import array_sha256, package_versions, write_json
+from .utils import array_sha256, package_versions
 
 EndpointKind = Literal["binary", "multiclass", "depth"]
 METRICS: dict[str, tuple[str, ...]] = {"binary": ("auroc", "balanced_accuracy"),
@@ -949,9 +949,10 @@ def json_records(df: pd.DataFrame) -> list[dict]:
             for r in df.to_dict("records")]
 
 
-def prepare_dataset(adata: ad.AnnData, config: BenchConfig, vocabulary: Iterable[str], *, layer: str | None = None):
+def prepare_dataset(adata: ad.AnnData, config: BenchConfig, vocabulary: Iterable[str], *, layer: str | None = None,
+                    panel: GenePanel | None = None):
     """Symbol gene ids, the panel (genes the data and the model share; HVG-ranked, label-free, when there
-    are more than ``config.n_genes``), panel values and per-cell targets."""
+    are more than ``config.n_genes``; or the given ``panel``, e.g. an artifact's), panel values, value kind."""
     from .data import detect_gene_id_type, harmonize_gene_ids, select_panel
 
     require_obs_columns(adata, [config.donor_key] + [ep.column for ep in config.endpoints] + [config.label_key])
@@ -964,7 +965,8 @@ def prepare_dataset(adata: ad.AnnData, config: BenchConfig, vocabulary: Iterable
     if len(shared) < 20:
         raise InputError(f"only {len(shared)} genes are shared by the data and the model vocabulary "
                          f"(e.g. {list(adata.var_names[:5])}); are the gene ids symbols or Ensembl (var_key=)?")
-    panel = select_panel(adata, vocab, n_genes=config.n_genes)
+    if panel is None:
+        panel = select_panel(adata, vocab, n_genes=config.n_genes)
     for ep in config.endpoints:
         ep.check(adata.obs)
     kind, _ = detect_value_kind(adata.X[: min(2000, adata.n_obs)])
@@ -974,38 +976,64 @@ def prepare_dataset(adata: ad.AnnData, config: BenchConfig, vocabulary: Iterable
     return adata, panel, x, kind
 
 
-def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: str = "campaign",
-                 layer: str | None = None, progress: bool = True) -> BenchResult:
-    """Run every method on every split and score every endpoint; see the module docstring."""
-    from .models.api import resolve_model
+@dataclass
+class CampaignInputs:
+    """What every split of a campaign reads: panel values, targets, stage labels, donors and the splits."""
+
+    adata: ad.AnnData
+    panel: GenePanel
+    x: np.ndarray
+    kind: str
+    donors: np.ndarray
+    targets: dict[str, np.ndarray]
+    stage_labels: np.ndarray
+    mapped: np.ndarray
+    splits: list[Split]
+    libsize: np.ndarray | None
+
+    def cells(self, idx: np.ndarray) -> "Cells":
+        a = self.adata
+        obs = pd.DataFrame({"_row": idx, "_donor": self.donors[idx]}, index=a.obs.index[idx].astype(str))
+        sub = ad.AnnData(a.X[idx], obs=obs, var=pd.DataFrame(index=a.var_names.astype(str)))
+        return Cells(sub, self.x[idx], self.panel, self.donors[idx], self.stage_labels[idx], self.kind)
+
+
+def campaign_inputs(adata: ad.AnnData, config: BenchConfig, model, *, layer: str | None = None,
+                    panel: GenePanel | None = None) -> CampaignInputs:
+    """Panel, per-cell targets, DAG stage labels (through ``config.stage_map``) and the seeded splits."""
     from .ontology import StageDAG
 
-    t_start = time.perf_counter()
-    model = resolve_model(model)
-    adata, panel, x, kind = prepare_dataset(adata, config, model.vocab.genes, layer=layer)
+    adata, panel, x, kind = prepare_dataset(adata, config, model.vocab.genes, layer=layer, panel=panel)
     obs = adata.obs
-    donors = (obs[config.donor_key].astype(str).to_numpy() if config.donor_key
-              else np.full(adata.n_obs, "source", dtype=object))
     if config.scheme != "cells" and not config.donor_key:
         raise InputError("donor-holdout schemes need donor_key; use scheme='cells' for single-source data")
+    donors = (obs[config.donor_key].astype(str).to_numpy() if config.donor_key
+              else np.full(adata.n_obs, "source", dtype=object))
     targets = {ep.name: ep.targets(obs) for ep in config.endpoints}
     labels = obs[config.label_key].astype(str).to_numpy() if config.label_key else np.full(adata.n_obs, None, object)
     stage_labels = np.array([config.stage_map.get(v, v) for v in labels], dtype=object)
-    dag = StageDAG.default()
-    mapped = dag.map_labels(pd.Series(stage_labels).astype(str)).stage.notna().to_numpy()
+    mapped = StageDAG.default().map_labels(pd.Series(stage_labels).astype(str)).stage.notna().to_numpy()
     stage_labels[~mapped] = None
-    strata = labels if config.label_key else None
     splits = donor_splits(donors, scheme=config.scheme, n_splits=config.n_splits, test_fraction=config.test_fraction,
-                          seed=config.seed, strata=strata, test_sources=config.test_sources)
+                          seed=config.seed, strata=labels if config.label_key else None,
+                          test_sources=config.test_sources)
     libsize = None
     if kind == "counts":
         X = adata.X.to_memory() if hasattr(adata.X, "to_memory") else adata.X
         libsize = np.asarray(X.sum(1), dtype=float).ravel()
-    base_obs = pd.DataFrame({"_row": np.arange(adata.n_obs), "_donor": donors}, index=obs.index.astype(str))
+    return CampaignInputs(adata, panel, x, kind, donors, targets, stage_labels, mapped, splits, libsize)
 
-    def cells(idx: np.ndarray) -> Cells:
-        sub = ad.AnnData(adata.X[idx], obs=base_obs.iloc[idx].copy(), var=pd.DataFrame(index=adata.var_names.astype(str)))
-        return Cells(sub, x[idx], panel, donors[idx], stage_labels[idx], kind)
+
+def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: str = "campaign",
+                 layer: str | None = None, progress: bool = True) -> BenchResult:
+    """Run every method on every split and score every endpoint; see the module docstring."""
+    from .models.api import resolve_model
+
+    t_start = time.perf_counter()
+    model = resolve_model(model)
+    ci = campaign_inputs(adata, config, model, layer=layer)
+    adata, panel, x, kind, donors, targets, splits = ci.adata, ci.panel, ci.x, ci.kind, ci.donors, ci.targets, ci.splits
+    obs, libsize, mapped, cells = adata.obs, ci.libsize, ci.mapped, ci.cells
 
     wanted = config.methods or list(METHODS)
     unknown = [m for m in wanted if m not in METHODS]

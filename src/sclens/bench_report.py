@@ -128,13 +128,19 @@ def write_report(result, out_dir: Path) -> dict[str, Path]:
             "body{font-family:sans-serif;max-width:1100px;margin:auto} table{border-collapse:collapse;font-size:13px}"
             "td,th{border:1px solid #ccc;padding:2px 6px} .note{color:#555}</style></head><body>"
             + "\n".join(sections) + "</body></html>")
+    ensure_plotly_js(out_dir)
+    paths["html"] = atomic_write(out_dir / f"{stem}.html", lambda p: Path(p).write_text(page))
+    return paths
+
+
+def ensure_plotly_js(out_dir: Path) -> Path:
+    """The one ``plotly.min.js`` that every report page in ``out_dir`` loads (offline, no CDN)."""
     js = out_dir / "plotly.min.js"
     if not js.is_file():
         from plotly.offline import get_plotlyjs
 
         atomic_write(js, lambda p: Path(p).write_text(get_plotlyjs()))
-    paths["html"] = atomic_write(out_dir / f"{stem}.html", lambda p: Path(p).write_text(page))
-    return paths
+    return js
 
 
 def _md_to_html(md: str) -> str:

@@ -432,6 +432,52 @@ def bench_cmd(
         _fail(exc)
 
 
+@app.command("compress")
+def compress_cmd(
+    data_path: Path = typer.Argument(..., help="Labelled cells (.h5ad) with a donor column."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder (compress_<name>.json/.md/.html + artifacts/)."),
+    endpoints: Path = typer.Option(..., help="TOML endpoint file, as for `sclens bench` (donor/label columns, splits)."),
+    report: Optional[Path] = typer.Option(None, help="Screen report folder: its top unit is the single head."),
+    unit: Optional[str] = typer.Option(None, help="The single head 'L<l>H<h>' (instead of --report)."),
+    unit_kind: Optional[str] = typer.Option(None, help="Operator kind of the single head (attn, qk, ov; default ov)."),
+    artifact: Optional[Path] = typer.Option(None, help="Extracted .safetensors whose (pooled / drift) operator and "
+                                                       "panel are the reference (default: the model's ov drift)."),
+    ranks: str = typer.Option("64,32,16,8", help="SVD ranks, comma-separated."),
+    audit_rank: int = typer.Option(64, help="The rank whose factors are audited and sparsified."),
+    sparse_factors: int = typer.Option(16), sparse_genes: int = typer.Option(50),
+    core_size: int = typer.Option(4), program_genes: int = typer.Option(25),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint dir (default: embedded model)."),
+    name: Optional[str] = typer.Option(None, help="Report name (default: the data file's stem)."),
+    layer: Optional[str] = typer.Option(None),
+) -> None:
+    """Compaction ladder (single head, SVD ranks, sparse), factor audit and gene programs, with a report."""
+    from .bench import read_bench_config
+    from .compress import CompressConfig, compaction_table, compress
+    from .data import read_h5ad
+
+    try:
+        rank_list = tuple(int(r) for r in _split(ranks))
+    except ValueError:
+        _fail(SclensError(f"--ranks must be integers separated by commas, got {ranks!r}"))
+    try:
+        cfg = read_bench_config(endpoints)
+        cc = CompressConfig(single_head=unit, single_head_kind=unit_kind, ranks=rank_list,
+                            audit_rank=audit_rank, sparse_factors=sparse_factors, sparse_genes=sparse_genes,
+                            core_size=core_size, program_genes=program_genes)
+        nm = name or data_path.stem
+        res = compress(read_h5ad(data_path), cfg, cc, model=str(model) if model else None, report=report,
+                       artifact=artifact, name=nm, layer=layer, artifact_dir=out / "artifacts")
+        paths = res.save(out)
+        t = compaction_table(res)
+        typer.echo(t[["variant", "file_bytes", "operator_bytes", "significant losses vs previous"]].to_string(index=False))
+        typer.echo("top-k share of factor impact: " + ", ".join(f"{k}: {v:.3f}" for k, v in res.shares.items()))
+        for c in res.cards[:8]:
+            typer.echo(f"factor {c['factor']} (impact #{c['rank_by_impact']}): {c['label']}")
+        typer.echo(f"report -> {paths['html']}")
+    except SclensError as exc:
+        _fail(exc)
+
+
 def main() -> None:
     app()
 

@@ -48,7 +48,7 @@ import pandas as pd
 
 from . import __version__
 from .data import GenePanel, detect_gene_id_type, detect_value_kind, gene_symbols, harmonize_gene_ids, iter_chunks, require_obs_columns
-from .errors import ArtifactError, InputError, preview
+from .errors import ArtifactError, InputError
 from .ontology import StageDAG
 from .operators import OperatorBank
 from .utils import array_sha256, atomic_write, package_versions
@@ -68,11 +68,43 @@ OBSM_LATENT = "X_sclens"
 # ==================================================================================== stage 1: operator
 @dataclass
 class OperatorBlock:
-    """One G x G operator, dense or as factors ``left`` [G, r] · ``right`` [r, G]."""
+    """One G x G operator, dense or as factors ``left`` [G, r] · ``right`` [r, G].
+
+    ``sparse=True`` marks hard-sparse factors (each factor keeps the same number of read genes in its
+    ``left`` column and write genes in its ``right`` row); they are stored as gene indices + values, so the
+    file holds only those, and rebuilt as dense factors in memory."""
 
     dense: np.ndarray | None = None
     left: np.ndarray | None = None
     right: np.ndarray | None = None
+    sparse: bool = False
+
+    def sparse_tensors(self, prefix: str) -> dict[str, np.ndarray]:
+        """``{prefix}.read_idx/read_val`` [r, n] and ``write_idx/write_val`` [r, m] for a sparse block."""
+        out = {}
+        for side, M in (("read", self.left.T), ("write", self.right)):
+            nnz = (M != 0).sum(1)
+            n = int(nnz.max()) if len(nnz) else 0
+            # a factor with fewer non-zeros is padded with explicit zeros at index 0 (harmless in a sum)
+            idx = np.zeros((M.shape[0], n), dtype=np.int32)
+            val = np.zeros((M.shape[0], n), dtype=np.float32)
+            for j, row in enumerate(M):
+                nz = np.flatnonzero(row)
+                idx[j, : len(nz)], val[j, : len(nz)] = nz, row[nz]
+            out[f"{prefix}.{side}_idx"], out[f"{prefix}.{side}_val"] = idx, val
+        return out
+
+    @classmethod
+    def from_sparse_tensors(cls, t: dict[str, np.ndarray], prefix: str, G: int) -> "OperatorBlock":
+        mats = []
+        for side in ("read", "write"):
+            idx, val = t[f"{prefix}.{side}_idx"].astype(np.int64), t[f"{prefix}.{side}_val"]
+            if idx.size and (idx.min() < 0 or idx.max() >= G):
+                raise ArtifactError(f"{prefix}.{side}_idx holds gene indices outside the panel (0..{G - 1})")
+            M = np.zeros((idx.shape[0], G), dtype=np.float32)
+            np.add.at(M, (np.repeat(np.arange(idx.shape[0]), idx.shape[1]), idx.ravel()), val.ravel())
+            mats.append(M)
+        return cls(left=np.ascontiguousarray(mats[0].T), right=mats[1], sparse=True)
 
     @property
     def rank(self) -> int | None:
@@ -80,7 +112,11 @@ class OperatorBlock:
 
     @property
     def n_values(self) -> int:
-        return int(self.dense.size if self.dense is not None else self.left.size + self.right.size)
+        if self.dense is not None:
+            return int(self.dense.size)
+        if self.sparse:
+            return int((self.left != 0).sum() + (self.right != 0).sum())
+        return int(self.left.size + self.right.size)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         return x @ self.dense if self.dense is not None else (x @ self.left) @ self.right
@@ -98,12 +134,33 @@ class OperatorBlock:
         if self.dense is None:
             if rank > self.rank:
                 raise InputError(f"cannot raise the rank of a rank-{self.rank} operator to {rank}")
-            return OperatorBlock(left=self.left[:, :rank].copy(), right=self.right[:rank].copy())
+            return OperatorBlock(left=self.left[:, :rank].copy(), right=self.right[:rank].copy(), sparse=self.sparse)
         if not 1 <= rank <= self.dense.shape[0]:
             raise InputError(f"rank must be between 1 and {self.dense.shape[0]}, got {rank}")
         U, S, Vt = np.linalg.svd(self.dense.astype(np.float64))
         return OperatorBlock(left=np.ascontiguousarray(U[:, :rank] * S[:rank], dtype=np.float32),
                              right=np.ascontiguousarray(Vt[:rank], dtype=np.float32))
+
+
+    def sparsified(self, factors: Sequence[int], n_read: int, n_write: int) -> "OperatorBlock":
+        """Keep only ``factors`` (rank-1 terms, in the given order) and, in each, the ``n_read`` largest-|loading|
+        read genes and ``n_write`` largest write genes; everything else is exactly zero."""
+        if self.dense is not None:
+            raise InputError("sparsify a factored (low-rank) operator; call low_rank(r) first")
+        factors = [int(j) for j in factors]
+        if not factors or min(factors) < 0 or max(factors) >= self.rank:
+            raise InputError(f"factors must be indices in 0..{self.rank - 1}, got {factors[:10]}")
+        G = self.left.shape[0]
+        if not (1 <= n_read <= G and 1 <= n_write <= G):
+            raise InputError(f"n_read and n_write must be between 1 and {G}, got {n_read}, {n_write}")
+        L, R = self.left[:, factors], self.right[factors]
+        Ls, Rs = np.zeros_like(L), np.zeros_like(R)
+        for j in range(len(factors)):
+            keep = np.argsort(-np.abs(L[:, j]), kind="stable")[:n_read]
+            Ls[keep, j] = L[keep, j]
+            keep = np.argsort(-np.abs(R[j]), kind="stable")[:n_write]
+            Rs[j, keep] = R[j, keep]
+        return OperatorBlock(left=Ls, right=Rs, sparse=True)
 
 
 @dataclass
@@ -143,12 +200,20 @@ class Operator:
         """The truncated-SVD surrogate of every block (rank r factors)."""
         return Operator([b.truncated(rank) for b in self.blocks], self.panel, {**self.source, "rank": int(rank)})
 
+    def sparsified(self, factors: Sequence[int], n_read: int, n_write: int) -> "Operator":
+        """The hard-sparse variant of a factored operator (see :meth:`OperatorBlock.sparsified`)."""
+        return Operator([b.sparsified(factors, n_read, n_write) for b in self.blocks], self.panel,
+                        {**self.source, "sparse": {"factors": [int(j) for j in factors], "n_read": int(n_read),
+                                                   "n_write": int(n_write)}})
+
     def describe(self) -> str:
         s = self.source
         what = {"unit": lambda: f"{s['kind']} L{s['layer']}H{s['head']}",
                 "pool": lambda: f"{s['kind']} pool of {len(s['units'])} units",
                 "drift": lambda: f"{s['kind']} drift (early-mid, mid-late)"}.get(s.get("type"), lambda: "custom")()
-        return what + (f", rank {self.rank}" if self.rank else ", dense") + f", G = {len(self.panel)}"
+        form = ", dense" if not self.rank else (f", hard-sparse rank {self.rank}" if self.blocks[0].sparse
+                                                else f", rank {self.rank}")
+        return what + form + f", G = {len(self.panel)}"
 
 
 def _pick_bank(banks, kind: str | None) -> OperatorBank:
@@ -511,6 +576,8 @@ class ExtractedModel:
         for i, blk in enumerate(self.operator.blocks):
             if blk.dense is not None:
                 t[f"operator.{i}.dense"] = blk.dense
+            elif blk.sparse:
+                t.update(blk.sparse_tensors(f"operator.{i}"))
             else:
                 t[f"operator.{i}.left"], t[f"operator.{i}.right"] = blk.left, blk.right
         a = self.adaptor
@@ -518,11 +585,12 @@ class ExtractedModel:
                   "adaptor.beta": np.array([a.beta], dtype=np.float32)})
         for name, r in self.readouts.items():
             t[f"readout.{name}.coef"], t[f"readout.{name}.intercept"] = r.coef, r.intercept
-        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in t.items()}
+        return {k: np.ascontiguousarray(v, dtype=np.int32 if k.endswith("_idx") else np.float32) for k, v in t.items()}
 
     def _structure(self) -> dict:
         return {"operator": {"source": self.operator.source, "n_blocks": len(self.operator.blocks),
-                             "rank": self.operator.rank, "panel": self.panel.to_dict()},
+                             "rank": self.operator.rank, "sparse": bool(self.operator.blocks[0].sparse),
+                             "panel": self.panel.to_dict()},
                 "adaptor": {"kind": self.adaptor.kind, "d": self.adaptor.d, "info": self.adaptor.info},
                 "readouts": {k: {"kind": r.kind, "classes": r.classes, "info": r.info} for k, r in self.readouts.items()}}
 
@@ -576,6 +644,8 @@ class ExtractedModel:
         for i in range(st["operator"]["n_blocks"]):
             if f"operator.{i}.dense" in tensors:
                 blocks.append(OperatorBlock(dense=tensors[f"operator.{i}.dense"]))
+            elif f"operator.{i}.read_idx" in tensors:
+                blocks.append(OperatorBlock.from_sparse_tensors(tensors, f"operator.{i}", len(panel)))
             else:
                 blocks.append(OperatorBlock(left=tensors[f"operator.{i}.left"], right=tensors[f"operator.{i}.right"]))
         op = Operator(blocks, panel, st["operator"]["source"])
