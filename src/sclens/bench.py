@@ -1119,6 +1119,10 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
                                  "test_groups": ",".join(sp_.test_groups)})
             bar.update(1)
     bar.close()
+    # a method skipped on any split is reported as skipped, with no partial scores or times
+    rows = [r for r in rows if r["method"] not in skipped]
+    runtime = [r for r in runtime if r["method"] not in skipped]
+    params = {k: v for k, v in params.items() if k not in skipped}
     scores = pd.DataFrame(rows, columns=["split", "method", "endpoint", "metric", "value", "test_groups"])
     summary = _summarise(scores, config.endpoints, floors, ceilings)
     comparisons = _compare(scores)

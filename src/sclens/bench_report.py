@@ -50,7 +50,7 @@ def summary_markdown(result) -> str:
 
 
 def runtime_table(result) -> pd.DataFrame:
-    rt = result.runtime
+    rt = result.runtime[~result.runtime["method"].isin(list(result.skipped))]
     one = rt[rt.split < 0].groupby("method")["seconds"].sum().rename("one_time_s")
     per = rt[rt.split >= 0].groupby(["method", "split"])["seconds"].sum().groupby("method").mean().rename("per_split_s")
     tot = rt.groupby("method")["seconds"].sum().rename("total_s")

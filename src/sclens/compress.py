@@ -108,19 +108,22 @@ class CompressResult:
 def _operators(model, ci: CampaignInputs, config: BenchConfig, cc: CompressConfig, artifact: ExtractedModel | None,
                report) -> tuple[list[tuple[str, Operator, str | None]], Operator, dict]:
     """[(variant, operator, previous variant)], the rank-``audit_rank`` head, and where each came from."""
-    from .extract import _top_operator_row
     from .operators import export_operators
 
+    ranks = sorted({int(r) for r in cc.ranks}, reverse=True)
+    G = len(ci.panel)
+    if not ranks or ranks[-1] < 1 or max(ranks + [cc.audit_rank]) > G:
+        raise InputError(f"ranks must be between 1 and the panel size {G}; got {ranks} (audit rank {cc.audit_rank})")
+    if cc.audit_rank not in ranks:
+        raise InputError(f"audit_rank {cc.audit_rank} must be one of the ranks {ranks}")
+    if not 1 <= cc.sparse_factors <= cc.audit_rank:
+        raise InputError(f"sparse_factors must be between 1 and audit_rank {cc.audit_rank}, got {cc.sparse_factors}")
     head_kind, unit = cc.single_head_kind, None
     if cc.single_head:
         unit = parse_unit(cc.single_head)
     elif report is not None:
-        row = _top_operator_row(report)
-        feat = str(row["featurisation"])
-        if feat.startswith("drift:"):
-            raise InputError("the screen's top hypothesis is a drift operator, not a single head; name one with "
-                             "single_head='L<l>H<h>'")
-        unit, head_kind = (int(row["layer"]), int(row["head"])), head_kind or feat
+        row = _top_unit_row(report)
+        unit, head_kind = (int(row["layer"]), int(row["head"])), head_kind or str(row["featurisation"])
     else:
         raise InputError("choose the single head: pass a screen report (its top unit) or single_head='L<l>H<h>'")
     head_kind = head_kind or cc.reference_kind
@@ -139,14 +142,6 @@ def _operators(model, ci: CampaignInputs, config: BenchConfig, cc: CompressConfi
     else:
         ref = select_operator(banks, unit=parse_unit(cc.reference), kind=cc.reference_kind)
     head = select_operator(banks, unit=unit, kind=head_kind)
-    ranks = sorted({int(r) for r in cc.ranks}, reverse=True)
-    G = len(ci.panel)
-    if not ranks or ranks[-1] < 1 or max(ranks + [cc.audit_rank]) > G:
-        raise InputError(f"ranks must be between 1 and the panel size {G}; got {ranks} (audit rank {cc.audit_rank})")
-    if cc.audit_rank not in ranks:
-        raise InputError(f"audit_rank {cc.audit_rank} must be one of the ranks {ranks}")
-    if not 1 <= cc.sparse_factors <= cc.audit_rank:
-        raise InputError(f"sparse_factors must be between 1 and audit_rank {cc.audit_rank}, got {cc.sparse_factors}")
     full = head.low_rank(ranks[0])
     ladder: list[tuple[str, Operator, str | None]] = [("reference", ref, None), ("single_head", head, "reference")]
     prev = "single_head"
@@ -163,6 +158,25 @@ def _operators(model, ci: CampaignInputs, config: BenchConfig, cc: CompressConfi
              "reference": ref.describe() + (" (from the artifact)" if artifact is not None else ""),
              "export_seconds": export_s}
     return ladder, lows[cc.audit_rank], where
+
+
+def _top_unit_row(report) -> dict:
+    """The best-ranked single-unit hypothesis (attn / qk / ov of one head) of a screen report or its folder."""
+    from .screen import ScreenReport
+
+    if isinstance(report, ScreenReport):
+        table = report.table
+    else:
+        path = Path(report)
+        path = path / "screen_table.csv" if path.is_dir() else path
+        if not path.is_file():
+            raise InputError(f"no screen table at {path}; pass a ScreenReport or the folder `sclens screen` wrote")
+        table = pd.read_csv(path)
+    units = table[table["featurisation"].isin(["attn", "qk", "ov"]) & (table["layer"] >= 0)]
+    if units.empty:
+        raise InputError("the screen report ranks no single-unit hypothesis (attn / qk / ov of one head); name the "
+                         "head with single_head='L<l>H<h>'")
+    return units.iloc[0].to_dict()
 
 
 def _score(ep_list, t_te, preds, groups) -> dict[tuple[str, str], float]:

@@ -112,7 +112,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     t_all = time.perf_counter()
 
     # 1. model -------------------------------------------------------------------------------
-    con.rule("[bold]1/8 model")
+    con.rule("[bold]1/9 model")
     t = time.perf_counter()
     model = load_default_model()
     log_path = Path(str(default_model_dir())) / "training_log.json"
@@ -130,7 +130,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["model"] = time.perf_counter() - t
 
     # 2. data --------------------------------------------------------------------------------
-    con.rule("[bold]2/8 data")
+    con.rule("[bold]2/9 data")
     t = time.perf_counter()
     dag = StageDAG.default()
     pbmc = pbmc68k()
@@ -152,7 +152,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["data"] = time.perf_counter() - t
 
     # 3. embeddings --------------------------------------------------------------------------
-    con.rule("[bold]3/8 cell embeddings")
+    con.rule("[bold]3/9 cell embeddings")
     t = time.perf_counter()
     emb_rep = {}
     sim_sub = sim[np.sort(np.random.default_rng(seed).choice(sim.n_obs, size=min(sim.n_obs, 300 if quick else 600),
@@ -183,7 +183,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["embeddings"] = time.perf_counter() - t
 
     # 4. attention heads ---------------------------------------------------------------------
-    con.rule("[bold]4/8 attention heads (hooks)")
+    con.rule("[bold]4/9 attention heads (hooks)")
     t = time.perf_counter()
     panel = select_panel(sim, model.vocab.genes, n_genes=300 if quick else 600)
     rng = np.random.default_rng(seed)
@@ -218,7 +218,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["heads"] = time.perf_counter() - t
 
     # 5. operators + screen ------------------------------------------------------------------
-    con.rule("[bold]5/8 operators and gated unit screen")
+    con.rule("[bold]5/9 operators and gated unit screen")
     t = time.perf_counter()
     from .anchors import build_anchors
     from .operators import export_operators
@@ -251,7 +251,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["screen"] = time.perf_counter() - t
 
     # 6. extraction ---------------------------------------------------------------------------
-    con.rule("[bold]6/8 extraction: operator -> adaptor -> readouts, apply, zero-shot transfer")
+    con.rule("[bold]6/9 extraction: operator -> adaptor -> readouts, apply, zero-shot transfer")
     t = time.perf_counter()
     import warnings
 
@@ -299,7 +299,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["extract"] = time.perf_counter() - t
 
     # 7. benchmark ---------------------------------------------------------------------------
-    con.rule("[bold]7/8 benchmark: a short donor-holdout campaign (SYNTHETIC)")
+    con.rule("[bold]7/9 benchmark: a short donor-holdout campaign (SYNTHETIC)")
     t = time.perf_counter()
     from .bench import BenchConfig, Endpoint, run_campaign
 
@@ -324,8 +324,34 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
         con.print(f"{ep} {metric}: " + ", ".join(f"{r.method} {r['mean']:.3f}" for _, r in sub.iterrows()))
     report["timings_s"]["bench"] = time.perf_counter() - t
 
-    # 8. pretraining -------------------------------------------------------------------------
-    con.rule("[bold]8/8 pretraining (masked expression)")
+    # 8. compression ------------------------------------------------------------------------
+    con.rule("[bold]8/9 compression: single head, SVD ranks, sparse factors, factor audit, gene programs (SYNTHETIC)")
+    t = time.perf_counter()
+    from .compress import CompressConfig, compaction_table, compress
+
+    ccfg = BenchConfig(endpoints=bcfg.endpoints + [Endpoint("stage", "multiclass", "stage")], donor_key="donor",
+                       label_key="cell_type", scheme="shuffle", n_splits=2 if quick else 3, seed=seed,
+                       adaptor_epochs=20 if quick else 60, n_ref_cells=32 if quick else 64)
+    cc = CompressConfig(ranks=(8,) if quick else (64, 32, 16, 8), audit_rank=8 if quick else 64,
+                        sparse_factors=4 if quick else 16, sparse_genes=25, core_size=4, n_cards=8)
+    cres = compress(sim, ccfg, cc, model=model, report=rep, artifact=reloaded_x, name="demo",
+                    artifact_dir=out / "compress" / "artifacts", progress=True)
+    cpaths = cres.save(out / "compress")
+    ctab = compaction_table(cres)
+    report["stages"]["compress"] = {"data": "SYNTHETIC", "compaction": json.loads(ctab.to_json(orient="records")),
+                                    "top_k_share": cres.shares, "single_head": cres.info["single_head"],
+                                    "factor_labels": {c["factor"]: c["label"] for c in cres.cards},
+                                    "report": "compress/" + cpaths["html"].name}
+    report["figures"]["compress_report"] = "compress/" + cpaths["html"].name
+    for r in ctab.to_dict("records"):
+        con.print(f"{r['variant']}: {r['file_bytes'] / 1e3:.1f} kB file ({r['operator_bytes'] / 1e3:.1f} kB operator); "
+                  f"significant losses vs previous: {r['significant losses vs previous']}")
+    con.print("share of factor impact, top " + ", ".join(f"{k}: {v:.2f}" for k, v in cres.shares.items())
+              + "; factors: " + "; ".join(f"f{c['factor']} {c['label']}" for c in cres.cards[:4]))
+    report["timings_s"]["compress"] = time.perf_counter() - t
+
+    # 9. pretraining -------------------------------------------------------------------------
+    con.rule("[bold]9/9 pretraining (masked expression)")
     t = time.perf_counter()
     pcfg = PretrainConfig(n_layers=2, n_heads=4, d_model=64, d_hid=128, train_seq_len=96, batch_size=16,
                           steps=40 if quick else 200, warmup_steps=10, eval_every=20 if quick else 50,
