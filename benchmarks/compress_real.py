@@ -26,12 +26,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shared", type=Path, default=HERE.parent.parent / "shared")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "compress")
+    ap.add_argument("--artifacts", type=Path, default=None,
+                    help="where the variant files go (default: a temporary folder; they are measured, not committed)")
     args = ap.parse_args()
     adata = ad.read_h5ad(args.shared / "data" / "kang2018_pbmc" / "kang2018_ctrl_8donors.h5ad")
     cfg = read_bench_config(HERE / "campaigns" / "kang2018_compress.toml")
     t0 = time.perf_counter()
     res = compress(adata, cfg, CompressConfig(), report=HERE / "results" / "real_screen" / "kang2018",
-                   name="kang2018", artifact_dir=args.out / "artifacts")
+                   name="kang2018", artifact_dir=args.artifacts)
     paths = res.save(args.out)
     print(paths["md"].read_text())
     print(f"kang2018 compress: {time.perf_counter() - t0:.0f} s -> {paths}")
