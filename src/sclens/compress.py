@@ -46,7 +46,7 @@ from . import __version__
 from .bench import (BenchConfig, CampaignInputs, bh_qvalues, campaign_inputs, fit_shared_readouts, json_records,
                     paired_wilcoxon, score_endpoint)
 from .errors import InputError
-from .extract import ExtractedModel, Operator, extract, select_operator
+from .extract import ExtractedModel, Operator, extract, screen_table, select_operator
 from .utils import array_sha256, atomic_write, package_versions, write_json
 
 SHARE_AT = (1, 4, 10, 16)
@@ -162,16 +162,7 @@ def _operators(model, ci: CampaignInputs, config: BenchConfig, cc: CompressConfi
 
 def _top_unit_row(report) -> dict:
     """The best-ranked single-unit hypothesis (attn / qk / ov of one head) of a screen report or its folder."""
-    from .screen import ScreenReport
-
-    if isinstance(report, ScreenReport):
-        table = report.table
-    else:
-        path = Path(report)
-        path = path / "screen_table.csv" if path.is_dir() else path
-        if not path.is_file():
-            raise InputError(f"no screen table at {path}; pass a ScreenReport or the folder `sclens screen` wrote")
-        table = pd.read_csv(path)
+    table = screen_table(report)
     units = table[table["featurisation"].isin(["attn", "qk", "ov"]) & (table["layer"] >= 0)]
     if units.empty:
         raise InputError("the screen report ranks no single-unit hypothesis (attn / qk / ov of one head); name the "

@@ -230,18 +230,22 @@ def _pick_bank(banks, kind: str | None) -> OperatorBank:
     return banks[kind]
 
 
-def _top_operator_row(report) -> dict:
-    """The best-ranked operator hypothesis (not the raw control) of a screen report, table or folder."""
+def screen_table(report) -> pd.DataFrame:
+    """The ranked hypothesis table of a screen report, its folder or its ``screen_table.csv``."""
     from .screen import ScreenReport
 
     if isinstance(report, ScreenReport):
-        table = report.table
-    else:
-        p = Path(report)
-        p = p / "screen_table.csv" if p.is_dir() else p
-        if not p.is_file():
-            raise InputError(f"no screen table at {p}; pass a ScreenReport or the folder `sclens screen` wrote")
-        table = pd.read_csv(p)
+        return report.table
+    p = Path(report)
+    p = p / "screen_table.csv" if p.is_dir() else p
+    if not p.is_file():
+        raise InputError(f"no screen table at {p}; pass a ScreenReport or the folder `sclens screen` wrote")
+    return pd.read_csv(p)
+
+
+def _top_operator_row(report) -> dict:
+    """The best-ranked operator hypothesis (not the raw control) of a screen report, table or folder."""
+    table = screen_table(report)
     ops = table[table["featurisation"] != "raw"]
     if ops.empty:
         raise InputError("the screen report holds no operator hypothesis (only the raw control)")
