@@ -432,6 +432,38 @@ def bench_cmd(
         _fail(exc)
 
 
+@app.command("view")
+def view_cmd(
+    artifacts: List[Path] = typer.Argument(..., help="One or more extracted .safetensors files (a selector switches)."),
+    data: Path = typer.Option(..., help="Labelled cells (.h5ad) to place as anchors and as the cell cloud."),
+    out: Path = typer.Option(Path("sclens_viewer.html"), "--out", "-o", help="The self-contained HTML file."),
+    label_key: str = typer.Option(..., help="obs column of cell-type labels (mapped to DAG stages)."),
+    donor_key: Optional[str] = typer.Option(None), tissue_key: Optional[str] = typer.Option(None),
+    contrast: Optional[str] = typer.Option(None, help="Lens contrast 'A | B vs C' (labels or DAG stage names)."),
+    cells: int = typer.Option(20_000, help="Cells sampled for the density cloud (0: none)."),
+    min_cells: int = typer.Option(5, help="Smallest (donor, tissue, label) group that makes an anchor."),
+    seed: int = typer.Option(0), layer: Optional[str] = typer.Option(None),
+) -> None:
+    """The interactive 3-D manifold viewer of extracted artifacts (opens offline in any browser)."""
+    from .data import read_h5ad
+    from .viz import manifold_3d
+
+    try:
+        missing = [str(a) for a in artifacts if not a.is_file()]
+        if missing:
+            raise SclensError(f"artifact file(s) not found: {missing}")
+        view = manifold_3d(read_h5ad(data), list(artifacts), label_key=label_key, donor_key=donor_key,
+                           tissue_key=tissue_key, contrast=contrast, n_cells=cells, min_cells=min_cells, seed=seed,
+                           layer=layer)
+        path = view.save(out)
+        for v in view.views:
+            lens = f"; lens axis {v.lens['axis']} AUROC {v.lens['auroc']:.3f}" if v.lens else ""
+            typer.echo(f"{v.name}: {len(v.anchors)} anchors, {len(v.cells):,} cells{lens}")
+        typer.echo(f"viewer -> {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    except SclensError as exc:
+        _fail(exc)
+
+
 @app.command("compress")
 def compress_cmd(
     data_path: Path = typer.Argument(..., help="Labelled cells (.h5ad) with a donor column."),
