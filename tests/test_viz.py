@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -11,10 +10,9 @@ from typer.testing import CliRunner
 
 from sclens.errors import InputError
 from sclens.viz import manifold_3d
+from tests.browser import browser, open_page
 
 CONTRAST = "Naive CD4 T | Memory CD4 T vs Naive CD8 T | Memory CD8 T"
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
@@ -88,35 +86,8 @@ def test_cli_view(setup):
     assert r.exit_code == 2 and "not found" in r.output
 
 
-def _browser():
-    """(playwright module, chromium path) or a pytest.skip with the reason."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; it drives the system chromium)")
-    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-    if exe is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")
-    return sync_playwright, exe
-
-
-def open_page(sync_playwright, exe, url, fn):
-    """Open ``url`` headless, run ``fn(page)``, return (its result, console errors, page errors)."""
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=BROWSER_ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        errors = []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-        page.goto(url)
-        try:
-            return fn(page), errors
-        finally:
-            browser.close()
-
-
 def test_viewer_in_a_real_browser(setup, tmp_path):
-    sync_playwright, exe = _browser()
+    browser()
     sim, paths, tmp = setup
     view = manifold_3d(sim, paths, label_key="cell_type", donor_key="donor", tissue_key="tissue", contrast=CONTRAST,
                        n_cells=200)
@@ -141,7 +112,7 @@ def test_viewer_in_a_real_browser(setup, tmp_path):
         page.screenshot(path=str(tmp_path / "viewer_lens.png"))
         return out
 
-    out, errors = open_page(sync_playwright, exe, html_path.as_uri(), drive)
+    out, errors = open_page(html_path.as_uri(), drive)
     assert not errors, errors
     assert out["n_traces"] == expected_traces
     v0, v1 = view.views

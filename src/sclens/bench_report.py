@@ -59,7 +59,9 @@ def runtime_table(result) -> pd.DataFrame:
     return df.sort_values("total_s")
 
 
-def _figures(result) -> list[str]:
+def _figures(result, js: str | bool = "directory") -> list[str]:
+    """Per-endpoint box plots; ``js`` is how the first figure loads plotly ("directory": the shared
+    ``plotly.min.js`` beside the page; False: the page already has it)."""
     import plotly.graph_objects as go
 
     divs = []
@@ -78,7 +80,7 @@ def _figures(result) -> list[str]:
         fig.update_layout(title=f"{ep} · {metric} (one point per split)", height=380, showlegend=False,
                           margin=dict(l=40, r=20, t=50, b=80))
         # one shared plotly.min.js beside the reports (written by write_report), not 4.6 MB inside each page
-        divs.append(fig.to_html(full_html=False, include_plotlyjs="directory" if first else False))
+        divs.append(fig.to_html(full_html=False, include_plotlyjs=js if first else False))
         first = False
     return divs
 

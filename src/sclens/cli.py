@@ -464,6 +464,26 @@ def view_cmd(
         _fail(exc)
 
 
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A folder of sclens outputs (a demo run, screen/, bench/, compress/, viewer)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: RUN_DIR/sclens_report.html)."),
+    title: Optional[str] = typer.Option(None),
+) -> None:
+    """One offline HTML page gathering every stage found in RUN_DIR (+ its JSON index and PNG figures)."""
+    from .report import build_report
+
+    try:
+        path = build_report(run_dir, out, title=title)
+        index = json.loads(path.with_suffix(".json").read_text())
+        typer.echo("sections: " + ", ".join(s["title"] for s in index["sections"]))
+        for m in index["missing"]:
+            typer.echo(f"not in this run: {m}")
+        typer.echo(f"report -> {path}")
+    except SclensError as exc:
+        _fail(exc)
+
+
 @app.command("compress")
 def compress_cmd(
     data_path: Path = typer.Argument(..., help="Labelled cells (.h5ad) with a donor column."),

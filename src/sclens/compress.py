@@ -103,6 +103,17 @@ class CompressResult:
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         return write_compress_report(self, Path(out_dir))
 
+    @classmethod
+    def from_json(cls, path: str | Path) -> "CompressResult":
+        """Reload a saved run (``compress_<name>.json``), e.g. to put it in a report."""
+        import json
+
+        d = json.loads(Path(path).read_text())
+        df = lambda k: pd.DataFrame(d[k]).fillna(np.nan)  # noqa: E731
+        return cls(d["name"], df("variants"), df("scores"), df("summary"), df("comparisons"), pd.DataFrame(),
+                   df("audit_ranking"), {int(k): v for k, v in d["top_k_share"].items()}, df("core"), df("programs"),
+                   d["factor_cards"], d["info"])
+
 
 # ==================================================================================== building the ladder
 def _operators(model, ci: CampaignInputs, config: BenchConfig, cc: CompressConfig, artifact: ExtractedModel | None,

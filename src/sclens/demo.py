@@ -348,6 +348,20 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
                   f"significant losses vs previous: {r['significant losses vs previous']}")
     con.print("share of factor impact, top " + ", ".join(f"{k}: {v:.2f}" for k, v in cres.shares.items())
               + "; factors: " + "; ".join(f"f{c['factor']} {c['label']}" for c in cres.cards[:4]))
+    from .viz import manifold_3d
+
+    variants = {"extracted (demo artifact)": reloaded_x}
+    for vname in ("rank8", "sparse"):
+        variants[f"compressed: {vname}"] = out / "compress" / "artifacts" / f"demo_{vname}.safetensors"
+    view = manifold_3d(sim, variants, label_key="cell_type", donor_key="donor", tissue_key="tissue",
+                       contrast="Naive CD4 T | Memory CD4 T vs Naive CD8 T | Memory CD8 T",
+                       n_cells=min(sim.n_obs, 20_000), seed=seed)
+    vpath = view.save(out / "viewer.html")
+    report["figures"]["viewer"] = vpath.name
+    report["stages"]["viewer"] = {"data": "SYNTHETIC", "file": vpath.name, "bytes": vpath.stat().st_size,
+                                  "lens": view.info["lens"]}
+    con.print(f"3-D viewer of {len(variants)} artifacts -> {vpath.name} ({vpath.stat().st_size / 1e6:.1f} MB); lens "
+              + ", ".join(f"{v.name}: axis {v.lens['axis']} AUROC {v.lens['auroc']:.3f}" for v in view.views))
     report["timings_s"]["compress"] = time.perf_counter() - t
 
     # 9. pretraining -------------------------------------------------------------------------
@@ -376,6 +390,10 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
 
     report["timings_s"]["total"] = time.perf_counter() - t_all
     write_json(out / "report.json", report)
+    from .report import build_report
+
+    page = build_report(out, title="sclens demo report (pbmc68k real; everything else SYNTHETIC)")
     con.rule("[bold green]done")
-    con.print(f"report: {out / 'report.json'}  figures: {', '.join(report['figures'].values())}")
+    con.print(f"figures: {', '.join(report['figures'].values())}")
+    con.print(f"[bold]report: {page}[/bold] (open it in any browser; it works offline)")
     return report

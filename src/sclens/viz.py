@@ -177,9 +177,21 @@ class ManifoldView:
         ev = ", ".join(f"{100 * e:.0f}%" for e in v.explained)
         return f"{v.name}: anchors in latent axes 1-3 ({ev} of anchor variance)"
 
-    def to_html(self) -> str:
-        from plotly.offline import get_plotlyjs
+    def to_dict(self) -> dict:
+        return {"info": self.info, "views": [{"name": v.name, "anchors": v.anchors.to_dict("list"),
+                                              "cells": v.cells.to_dict("list"), "lens": v.lens,
+                                              "explained": v.explained} for v in self.views]}
 
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ManifoldView":
+        """Reload a view saved by :meth:`save` (its ``.json`` twin), e.g. to embed it in a report."""
+        d = json.loads(Path(path).read_text())
+        views = [ArtifactView(v["name"], pd.DataFrame(v["anchors"]), pd.DataFrame(v["cells"]), v["lens"], v["explained"])
+                 for v in d["views"]]
+        return cls(views, d["info"])
+
+    def fragment(self) -> str:
+        """Controls + plot + control script, without plotly's JavaScript (for pages that load it once)."""
         fig, meta = self._build()
         div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=DIV_ID, config={"displaylogo": False})
         state = {"meta": meta, "titles": [[self._title(i, False), self._title(i, True)] for i in range(len(self.views))],
@@ -197,19 +209,31 @@ class ManifoldView:
             "<label><input type='checkbox' id='sclens-cloud'> cell cloud</label>"
             " <span style='color:#666'>◆ stem / progenitor anchors; size = log10 cells</span></div>")
         script = _CONTROLS_JS.replace("__STATE__", json.dumps(state)).replace("__DIV__", DIV_ID)
+        return controls + div + f"<script>{script}</script>" + self._footer()
+
+    def _footer(self) -> str:
         i = self.info
         info = html.escape(f"{i.get('n_cells_data', 0):,} cells, cloud {i.get('n_cells_cloud', 0):,} sampled (seed "
                            f"{i.get('seed')}); labels {i.get('label_key')}, donors {i.get('donor_key')}, tissue "
                            f"{i.get('tissue_key')}; contrast {i.get('contrast')}; artifacts "
                            + ", ".join(f"{k} ({(h or 'unsaved')[:12]})" for k, h in i.get("artifacts", {}).items()))
+        return f"<p style='font:11px sans-serif;color:#777'>sclens {__version__} · {info}</p>"
+
+    def to_html(self) -> str:
+        from plotly.offline import get_plotlyjs
+
         return ("<!doctype html><html><head><meta charset='utf-8'><title>sclens manifold viewer</title>"
                 "<script type='text/javascript'>" + get_plotlyjs() + "</script></head><body>"
-                + controls + div + f"<script>{script}</script>"
-                + f"<p style='font:11px sans-serif;color:#777'>sclens {__version__} · {info}</p></body></html>")
+                + self.fragment() + "</body></html>")
 
     def save(self, path: str | Path) -> Path:
+        """Write the HTML page and, beside it, its data as ``<stem>.json`` (reloadable with :meth:`from_json`)."""
+        from .utils import write_json
+
+        path = Path(path)
         page = self.to_html()
-        return atomic_write(Path(path), lambda p: Path(p).write_text(page, encoding="utf-8"))
+        write_json(path.with_suffix(".json"), self.to_dict())
+        return atomic_write(path, lambda p: Path(p).write_text(page, encoding="utf-8"))
 
 
 _CONTROLS_JS = """
