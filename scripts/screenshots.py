@@ -50,7 +50,7 @@ def main() -> None:
     from sclens.datasets import simulate_hematopoiesis
     from sclens.viz import manifold_3d
 
-    sim = simulate_hematopoiesis(n_donors=8, cells_per_donor=2_600, seed=5)
+    sim = simulate_hematopoiesis(n_donors=8, cells_per_donor=2_600, seed=0, donor_seed=7)  # the demo's biology
     arts = {"demo artifact": args.run_dir / "extracted_head.safetensors",
             "sparse": args.run_dir / "compress" / "artifacts" / "demo_sparse.safetensors"}
     view = manifold_3d(sim, arts, label_key="cell_type", donor_key="donor", tissue_key="tissue", n_cells=20_000)
