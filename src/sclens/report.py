@@ -232,20 +232,14 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, title: s
             break  # one live viewer per page: its controls have fixed ids
     if not viewers:
         missing.append("3-D viewer (no viewer.json; write one with `sclens view`)")
-    benches = _find(run_dir, "bench_*.json")
-    for i, bj in enumerate(benches):
-        body, used = _bench_section(bj, figdir)
-        sections.append((f"bench{i}", f"Benchmark — {bj.stem.removeprefix('bench_')}", body))
-        sources += used
-    if not benches:
-        missing.append("benchmark (no bench_*.json)")
-    comps = _find(run_dir, "compress_*.json")
-    for i, cj in enumerate(comps):
-        body, used = _compress_section(cj, figdir)
-        sections.append((f"compress{i}", f"Compression — {cj.stem.removeprefix('compress_')}", body))
-        sources += used
-    if not comps:
-        missing.append("compression (no compress_*.json)")
+    for stem, label, section in (("bench", "Benchmark", _bench_section), ("compress", "Compression", _compress_section)):
+        found = _find(run_dir, f"{stem}_*.json")
+        for i, path in enumerate(found):
+            body, used = section(path, figdir)
+            sections.append((f"{stem}{i}", f"{label} — {path.stem.removeprefix(stem + '_')}", body))
+            sources += used
+        if not found:
+            missing.append(f"{label.lower()} (no {stem}_*.json)")
     title = title or f"sclens report — {run_dir.resolve().name}"
     nav = " · ".join(f"<a href='#{sid}'>{html.escape(t)}</a>" for sid, t, _ in sections)
     body = "".join(f"<section id='{sid}'><h2>{html.escape(t)}</h2>{h}</section>" for sid, t, h in sections)
