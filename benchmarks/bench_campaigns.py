@@ -65,7 +65,7 @@ def load(name: str, shared: Path) -> ad.AnnData:
     if name == "synthetic":
         from sclens.datasets import simulate_hematopoiesis
 
-        return simulate_hematopoiesis(n_donors=16, cells_per_donor=250, seed=0, donor_seed=11)
+        return simulate_hematopoiesis(n_donors=16, cells_per_donor=150, seed=0, donor_seed=11)
     raise ValueError(name)
 
 
