@@ -130,15 +130,24 @@ class Endpoint:
                              f"(depth_map keys vs labels of {self.column!r}?)")
 
 
+def parse_label_groups(spec: str) -> tuple[list[str], list[str]]:
+    """``"CD4 T | Treg vs CD8 T"`` -> (``["CD4 T", "Treg"]``, ``["CD8 T"]``): two label groups, '|' between labels."""
+    if " vs " not in spec:
+        raise InputError(f"{spec!r}: expected 'A vs B' or 'A | B vs C' (several labels per side separated by '|')")
+    left, right = spec.split(" vs ", 1)
+    split = lambda s: [x.strip() for x in s.split("|") if x.strip()]  # noqa: E731
+    neg, pos = split(left), split(right)
+    if not neg or not pos:
+        raise InputError(f"{spec!r}: both sides need at least one label")
+    return neg, pos
+
+
 def parse_binary_spec(spec: str, column: str, name: str | None = None) -> Endpoint:
     """``"CD4 T | Treg vs CD8 T"`` -> a binary endpoint on ``column`` (groups separated by '|').
 
     As for sclens' probes, the score is P(second group): the right-hand side is the positive class."""
-    if " vs " not in spec:
-        raise InputError(f"binary endpoint {spec!r}: expected 'A vs B' (several labels per side separated by '|')")
-    left, right = spec.split(" vs ", 1)
-    split = lambda s: [x.strip() for x in s.split("|") if x.strip()]  # noqa: E731
-    return Endpoint(name or spec.replace(" ", "_"), "binary", column, positive=split(right), negative=split(left))
+    neg, pos = parse_label_groups(spec)
+    return Endpoint(name or spec.replace(" ", "_"), "binary", column, positive=pos, negative=neg)
 
 
 @dataclass
@@ -541,20 +550,12 @@ class ExtractedMethod(Method):
         self.export_seconds = time.perf_counter() - t0
 
     def fit(self, train, endpoints, targets):
-        from .extract import extract
-
-        mapped = pd.notna(train.stage_labels).sum()
-        obs = train.adata.obs.copy()
-        obs["_sclens_stage_label"] = train.stage_labels
-        a = ad.AnnData(train.adata.X, obs=obs, var=pd.DataFrame(index=train.adata.var_names))
         op = self.operator
         try:
-            self.extracted = extract(a, op, label_key="_sclens_stage_label", donor_key="_donor" if "_donor" in obs else None,
-                                     holdout_fraction=0.0, seed=self.config.seed, epochs=self.config.adaptor_epochs,
-                                     progress=False, n_perm=0)
+            self.extracted = fit_extracted(train, op, self.config)
         except InputError as exc:
             raise MethodSkipped(f"labels do not map to stages of the DAG ({exc}); add a [stage_map] to the "
-                                f"endpoint file ({int(mapped)} cells mapped)") from None
+                                f"endpoint file ({int(pd.notna(train.stage_labels).sum())} cells mapped)") from None
         n = self.extracted.n_trainable()
         self.n_trainable = int(n["adaptor"])  # the shared readouts are counted by the harness
         self.info = {"operator": op.describe(), "operator_values_frozen": int(op.n_values),
@@ -562,6 +563,19 @@ class ExtractedMethod(Method):
 
     def embed_or_predict(self, cells, idx):
         return {"embedding": self.extracted.latent(cells.x)}
+
+
+def fit_extracted(train: "Cells", operator, config: BenchConfig, **extract_kw):
+    """Stages 2 and 3 (:func:`sclens.extract.extract`) on a split's training cells, their DAG stage labels as
+    the labels, whole training set used (no inner holdout), no permutation test."""
+    from .extract import extract
+
+    obs = train.adata.obs.copy()
+    obs["_sclens_stage_label"] = train.stage_labels
+    a = ad.AnnData(train.adata.X, obs=obs, var=pd.DataFrame(index=train.adata.var_names))
+    return extract(a, operator, label_key="_sclens_stage_label", donor_key="_donor" if "_donor" in obs else None,
+                   holdout_fraction=0.0, seed=config.seed, epochs=config.adaptor_epochs, progress=False, n_perm=0,
+                   **extract_kw)
 
 
 class DPTMethod(Method):

@@ -43,10 +43,10 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .bench import (BenchConfig, CampaignInputs, bh_qvalues, campaign_inputs, fit_shared_readouts, json_records,
-                    paired_wilcoxon, score_endpoint)
+from .bench import (BenchConfig, CampaignInputs, bh_qvalues, campaign_inputs, fit_extracted, fit_shared_readouts,
+                    json_records, paired_wilcoxon, score_endpoint)
 from .errors import InputError
-from .extract import ExtractedModel, Operator, extract, screen_table, select_operator
+from .extract import ExtractedModel, Operator, screen_table, select_operator
 from .utils import array_sha256, atomic_write, package_versions, write_json
 
 SHARE_AT = (1, 4, 10, 16)
@@ -191,14 +191,7 @@ def _score(ep_list, t_te, preds, groups) -> dict[tuple[str, str], float]:
 
 
 def _fit_variant(ci: CampaignInputs, idx: np.ndarray, op: Operator, config: BenchConfig) -> ExtractedModel:
-    tr = ci.cells(idx)
-    obs = tr.adata.obs.copy()
-    obs["_sclens_stage_label"] = tr.stage_labels
-    a = ad.AnnData(tr.adata.X, obs=obs, var=pd.DataFrame(index=tr.adata.var_names))
-    if pd.notna(tr.stage_labels).sum() < 20:
-        raise InputError("fewer than 20 training cells have labels that map to stages of the DAG; add a [stage_map]")
-    return extract(a, op, label_key="_sclens_stage_label", donor_key="_donor", holdout_fraction=0.0,
-                   seed=config.seed, epochs=config.adaptor_epochs, progress=False, n_perm=0, eval_max_cells=2000)
+    return fit_extracted(ci.cells(idx), op, config, eval_max_cells=2000)
 
 
 def factor_contributions(model: ExtractedModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -213,11 +206,6 @@ def factor_contributions(model: ExtractedModel, x: np.ndarray) -> tuple[np.ndarr
     v = (blk.right.astype(np.float64) / a.scale.astype(np.float64)[None, :]) @ a.weight.astype(np.float64).T
     z = model.latent(x.astype(np.float32), fold=False).astype(np.float64)
     return z, u, v
-
-
-def _share(drops: np.ndarray, k: int) -> float:
-    pos = np.clip(np.sort(drops)[::-1], 0, None)
-    return float(pos[:k].sum() / pos.sum()) if pos.sum() > 0 else float("nan")
 
 
 # ==================================================================================== gene programs
@@ -326,8 +314,9 @@ def compress(
     # ------------------------------------------------------------ factor audit
     r = audit_op.rank
     core_rows = []
+    contributions = {s: factor_contributions(m, ci.x[splits[s].test]) for s, (m, *_) in per_split.items()}
     for s, (m, ro, t_te, groups, base) in per_split.items():
-        z, u, v = factor_contributions(m, ci.x[splits[s].test])
+        z, u, v = contributions[s]
         for j in range(r):
             abl = _score(eps, t_te, ro.predict((z - np.outer(u[:, j], v[j])).astype(np.float32)), groups)
             audit_rows += [{"split": s, "factor": j, "endpoint": e, "metric": k, "base": base[(e, k)],
@@ -340,7 +329,7 @@ def compress(
     ranking["rank_by_impact"] = np.arange(1, r + 1)
     pos = np.clip(ranking["pooled_drop"].to_numpy(), 0, None)
     ranking["cumulative_share"] = np.cumsum(pos) / pos.sum() if pos.sum() > 0 else np.nan
-    shares = {k: _share(pooled.to_numpy(), k) for k in SHARE_AT if k <= r}
+    shares = {k: float(ranking["cumulative_share"].iloc[k - 1]) for k in SHARE_AT if k <= r}
     # core chosen on the OTHER splits; core-only, every subset of the core, and no factor at all
     k_core = min(cc.core_size, r)
     core_by_split = {}
@@ -349,7 +338,7 @@ def compress(
         rank_s = others.groupby("factor")["drop"].mean().reindex(range(r)).fillna(0.0)
         core = list(rank_s.sort_values(ascending=False, kind="stable").index[:k_core])
         core_by_split[s] = [int(c) for c in core]
-        z, u, v = factor_contributions(m, ci.x[splits[s].test])
+        z, u, v = contributions[s]
         z0 = z - u @ v  # the latent with every factor removed
         subsets = [("all factors", list(range(r))), ("no factor", [])]
         subsets += [("core " + "+".join(f"#{i + 1}" for i in S), [core[i] for i in S])

@@ -141,7 +141,6 @@ class OperatorBlock:
         return OperatorBlock(left=np.ascontiguousarray(U[:, :rank] * S[:rank], dtype=np.float32),
                              right=np.ascontiguousarray(Vt[:rank], dtype=np.float32))
 
-
     def sparsified(self, factors: Sequence[int], n_read: int, n_write: int) -> "OperatorBlock":
         """Keep only ``factors`` (rank-1 terms, in the given order) and, in each, the ``n_read`` largest-|loading|
         read genes and ``n_write`` largest write genes; everything else is exactly zero."""

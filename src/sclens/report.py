@@ -112,11 +112,22 @@ def _bench_section(path: Path, figdir: Path) -> tuple[str, list[Path]]:
     return "".join(parts), [path, png]
 
 
-def _bench_png(res, png: Path) -> None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, png: Path) -> None:
+    atomic_write(png, lambda p: fig.savefig(p, dpi=130, format="png"))
+    _pyplot().close(fig)
+
+
+def _bench_png(res, png: Path) -> None:
+    plt = _pyplot()
 
     groups = list(res.scores.groupby(["endpoint", "metric"], sort=False))
     fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.4), squeeze=False)
@@ -127,8 +138,7 @@ def _bench_png(res, png: Path) -> None:
         ax.set_title(f"{ep}\n{metric}", fontsize=8)
     fig.suptitle(f"{res.info.get('title', res.name)} (one value per split)", fontsize=9)
     fig.tight_layout()
-    atomic_write(png, lambda p: fig.savefig(p, dpi=130, format="png"))
-    plt.close(fig)
+    _save_png(fig, png)
 
 
 def _compress_section(path: Path, figdir: Path) -> tuple[str, list[Path]]:
@@ -148,10 +158,7 @@ def _compress_section(path: Path, figdir: Path) -> tuple[str, list[Path]]:
 
 
 def _compress_png(res, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
     rk = res.ranking
@@ -166,15 +173,11 @@ def _compress_png(res, png: Path) -> None:
     b.tick_params(axis="x", rotation=45)
     b.set_title("artifact size", fontsize=9)
     fig.tight_layout()
-    atomic_write(png, lambda p: fig.savefig(p, dpi=130, format="png"))
-    plt.close(fig)
+    _save_png(fig, png)
 
 
 def _viewer_png(view, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     v = view.views[0]
     a = v.anchors
@@ -188,8 +191,7 @@ def _viewer_png(view, png: Path) -> None:
     ax.set_zlabel("latent 3")
     ax.legend(fontsize=6, loc="upper left")
     ax.set_title(f"{v.name}: anchors by branch", fontsize=9)
-    atomic_write(png, lambda p: fig.savefig(p, dpi=130, format="png"))
-    plt.close(fig)
+    _save_png(fig, png)
 
 
 # ---------------------------------------------------------------------------- the page

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from .bench import parse_label_groups
 from .errors import InputError
 from .utils import atomic_write
 
@@ -46,18 +47,6 @@ class ArtifactView:
     cells: pd.DataFrame  # a1, a2, a3, lens, label
     lens: dict | None  # {"axis": k (1-based), "auroc": ..., "contrast": "..."}
     explained: list[float] = field(default_factory=list)  # share of anchor latent variance per shown axis
-
-
-def parse_contrast(spec: str) -> tuple[list[str], list[str]]:
-    """``"CD4 T | Treg vs CD8 T"`` -> (negative labels, positive labels)."""
-    if " vs " not in spec:
-        raise InputError(f"a contrast is written 'A | B vs C' (label groups separated by '|'), got {spec!r}")
-    left, right = spec.split(" vs ", 1)
-    split = lambda s: [x.strip() for x in s.split("|") if x.strip()]  # noqa: E731
-    neg, pos = split(left), split(right)
-    if not neg or not pos:
-        raise InputError(f"both sides of the contrast {spec!r} need at least one label")
-    return neg, pos
 
 
 def _contrast_mask(labels: np.ndarray, stages: np.ndarray, group: list[str]) -> np.ndarray:
@@ -90,7 +79,7 @@ def _view_one(name: str, model, adata: ad.AnnData, *, label_key: str, donor_key:
     Rc = rotate(model.latent(panel_rows(adata, model.panel, idx, layer=layer))) if len(idx) else np.zeros((0, k))
     lens, lens_a, lens_c = None, Ra[:, min(2, k - 1)], Rc[:, min(2, k - 1)] if len(idx) else np.zeros(0)
     if contrast:
-        neg, pos = parse_contrast(contrast)
+        neg, pos = parse_label_groups(contrast)
         is_neg, is_pos = _contrast_mask(labels, stages, neg), _contrast_mask(labels, stages, pos)
         if is_neg.sum() < 5 or is_pos.sum() < 5:
             raise InputError(f"contrast {contrast!r}: {int(is_neg.sum())} vs {int(is_pos.sum())} cells match (labels of "
