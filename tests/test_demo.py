@@ -21,7 +21,7 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_quick_runs_every_stage(demo_dir):
     rep = json.loads((demo_dir / "report.json").read_text())
-    assert {"model", "data", "extract", "bench", "compress", "pretrain"} <= set(rep["stages"])
+    assert {"model", "data", "extract", "bench", "compress", "pretrain", "circuits", "sae_atlas"} <= set(rep["stages"])
     for fig in rep["figures"].values():
         assert (demo_dir / fig).is_file(), fig
     bench = rep["stages"]["bench"]
@@ -32,12 +32,18 @@ def test_demo_quick_runs_every_stage(demo_dir):
     assert [r["variant"] for r in comp["compaction"]] == ["reference", "single_head", "rank8", "sparse"]
     assert comp["compaction"][-1]["operator_bytes"] < comp["compaction"][1]["operator_bytes"]
     assert comp["top_k_share"] and all(comp["factor_labels"].values())
+    circ = rep["stages"]["circuits"]
+    assert [r["layer"] for r in circ["transcoders"]] == [1, 3] and circ["interpretable"]["n_sampled"] == 20
+    assert circ["lm"]["mlp_ablated"]["gene_ce"] > circ["lm"]["clean"]["gene_ce"]
+    assert "monocytes" in circ["circuits"] and circ["circuits"]["monocytes"]["nodes"] > 1
+    assert [r["layer"] for r in rep["stages"]["sae_atlas"]["summary"]] == [0, 5]
 
 
 def test_demo_report_gathers_every_stage_and_renders_in_a_browser(demo_dir, tmp_path):
     index = json.loads((demo_dir / "sclens_report.json").read_text())
     titles = [s["title"] for s in index["sections"]]
-    for want in ("Run", "Data", "Unit screen", "3-D manifold viewer", "Benchmark", "Compression"):
+    for want in ("Run", "Data", "Unit screen", "3-D manifold viewer", "Benchmark", "Compression", "Circuits",
+                 "SAE atlas"):
         assert any(t.startswith(want) for t in titles), (want, titles)
     assert not index["missing"] and all(len(s["sha256"]) == 64 for s in index["sources"])
     assert all((demo_dir / f).is_file() for f in index["figures"]) and len(index["figures"]) >= 3

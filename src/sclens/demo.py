@@ -13,8 +13,13 @@ Stages run (each prints what it does and lands in ``report.json`` + PNG figures 
 6. **extract**  the top screened operator -> cell-trained adaptor -> readouts as ONE .safetensors file,
                 reloaded (content hash checked), applied by streaming to a held-out SYNTHETIC cohort of new
                 donors written as .h5ad, and the zero-shot transfer check on that cohort
-7. **pretrain** a small scGPT model trained from scratch on the synthetic cells, written in the official
+7. **bench**    a short donor-holdout campaign on the synthetic cohort (fast methods)
+8. **compress** single head, SVD ranks, sparse factors, factor audit and gene programs; the 3-D viewer
+9. **pretrain** a small scGPT model trained from scratch on the synthetic cells, written in the official
                 layout and read back through the same loader
+10. **circuits** the embedded cell-sentence model on the real pbmc68k cells (labels mapped to its FACS sort
+                gates): transcoders on its MLP layers, feature interpretation, the traced "monocytes" and "nk"
+                decisions; and a short SAE atlas of the default scGPT model's residual stream
 """
 
 from __future__ import annotations
@@ -112,7 +117,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     t_all = time.perf_counter()
 
     # 1. model -------------------------------------------------------------------------------
-    con.rule("[bold]1/9 model")
+    con.rule("[bold]1/10 model")
     t = time.perf_counter()
     model = load_default_model()
     log_path = Path(str(default_model_dir())) / "training_log.json"
@@ -130,7 +135,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["model"] = time.perf_counter() - t
 
     # 2. data --------------------------------------------------------------------------------
-    con.rule("[bold]2/9 data")
+    con.rule("[bold]2/10 data")
     t = time.perf_counter()
     dag = StageDAG.default()
     pbmc = pbmc68k()
@@ -152,7 +157,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["data"] = time.perf_counter() - t
 
     # 3. embeddings --------------------------------------------------------------------------
-    con.rule("[bold]3/9 cell embeddings")
+    con.rule("[bold]3/10 cell embeddings")
     t = time.perf_counter()
     emb_rep = {}
     sim_sub = sim[np.sort(np.random.default_rng(seed).choice(sim.n_obs, size=min(sim.n_obs, 300 if quick else 600),
@@ -183,7 +188,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["embeddings"] = time.perf_counter() - t
 
     # 4. attention heads ---------------------------------------------------------------------
-    con.rule("[bold]4/9 attention heads (hooks)")
+    con.rule("[bold]4/10 attention heads (hooks)")
     t = time.perf_counter()
     panel = select_panel(sim, model.vocab.genes, n_genes=300 if quick else 600)
     rng = np.random.default_rng(seed)
@@ -218,7 +223,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["heads"] = time.perf_counter() - t
 
     # 5. operators + screen ------------------------------------------------------------------
-    con.rule("[bold]5/9 operators and gated unit screen")
+    con.rule("[bold]5/10 operators and gated unit screen")
     t = time.perf_counter()
     from .anchors import build_anchors
     from .operators import export_operators
@@ -251,7 +256,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["screen"] = time.perf_counter() - t
 
     # 6. extraction ---------------------------------------------------------------------------
-    con.rule("[bold]6/9 extraction: operator -> adaptor -> readouts, apply, zero-shot transfer")
+    con.rule("[bold]6/10 extraction: operator -> adaptor -> readouts, apply, zero-shot transfer")
     t = time.perf_counter()
     import warnings
 
@@ -299,7 +304,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["extract"] = time.perf_counter() - t
 
     # 7. benchmark ---------------------------------------------------------------------------
-    con.rule("[bold]7/9 benchmark: a short donor-holdout campaign (SYNTHETIC)")
+    con.rule("[bold]7/10 benchmark: a short donor-holdout campaign (SYNTHETIC)")
     t = time.perf_counter()
     from .bench import BenchConfig, Endpoint, run_campaign
 
@@ -325,7 +330,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["bench"] = time.perf_counter() - t
 
     # 8. compression ------------------------------------------------------------------------
-    con.rule("[bold]8/9 compression: single head, SVD ranks, sparse factors, factor audit, gene programs (SYNTHETIC)")
+    con.rule("[bold]8/10 compression: single head, SVD ranks, sparse factors, factor audit, gene programs (SYNTHETIC)")
     t = time.perf_counter()
     from .compress import CompressConfig, compaction_table, compress
 
@@ -365,7 +370,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["timings_s"]["compress"] = time.perf_counter() - t
 
     # 9. pretraining -------------------------------------------------------------------------
-    con.rule("[bold]9/9 pretraining (masked expression)")
+    con.rule("[bold]9/10 pretraining (masked expression)")
     t = time.perf_counter()
     pcfg = PretrainConfig(n_layers=2, n_heads=4, d_model=64, d_hid=128, train_seq_len=96, batch_size=16,
                           steps=40 if quick else 200, warmup_steps=10, eval_every=20 if quick else 50,
@@ -387,6 +392,63 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
               f"{res.log['eval_constant_predictor_mse']:.1f}); written in the official layout and reloaded "
               f"{'bit-identically' if same else 'WITH DIFFERENCES'}")
     report["timings_s"]["pretrain"] = time.perf_counter() - t
+
+
+    # 10. circuits ----------------------------------------------------------------------------
+    con.rule("[bold]10/10 circuits: cell-sentence LM, transcoders, traced decisions, SAE atlas (pbmc68k, real)")
+    t = time.perf_counter()
+    from .circuits.lm import load_default_cell_lm
+    from .circuits.pipeline import run_circuits
+    from .circuits.sae import train_sae_atlas
+    from .circuits.transcoders import TranscoderConfig, transcoder_table
+
+    clm = load_default_cell_lm()
+    pb = pbmc68k()
+    gates = {"CD14+ Monocyte": "monocytes", "CD56+ NK": "nk", "CD19+ B": "bcells", "CD4+/CD45RO+ Memory": "memoryt",
+             "CD8+ Cytotoxic T": "cytotoxict", "CD4+/CD25 T Reg": "regulatoryt", "CD4+/CD45RA+/CD25- Naive T": "naivet",
+             "CD8+/CD45RA+ Naive Cytotoxic": "naivecytotoxic", "CD4+ T Helper2": "thelper"}
+    pb = pb[pb.obs["cell_type"].astype(str).isin(list(gates))].copy()
+    pb.obs["sort_gate"] = pb.obs["cell_type"].astype(str).map(gates)
+    tcfg = TranscoderConfig(expansion=4, k=8, epochs=2 if quick else 6, max_tokens=20_000 if quick else 60_000,
+                            seed=seed)
+    circ = run_circuits(pb, "sort_gate", model=clm, config=tcfg, layers=[1, 3] if quick else None,
+                        decisions=("monocytes", "nk"), seed=seed, max_nodes=12 if quick else 24,
+                        eval_fraction=0.5, known_genes_only=True)  # pbmc68k: 765 genes; sentences of known ones
+    cpaths = circ.save(out / "circuits")
+    lm = circ.transcoders.metrics["lm"]
+    report["stages"]["circuits"] = {
+        "data": "pbmc68k (real; labels mapped to the model's FACS sort gates)", "n_cells": int(pb.n_obs),
+        "transcoders": transcoder_table(circ.transcoders), "lm": {k: lm[k] for k in ("clean", "spliced", "mlp_ablated")},
+        "recovered_celltype_ce": lm["recovered_celltype_ce"], "recovered_gene_ce": lm["recovered_gene_ce"],
+        "interpretable": {k: circ.sample[k] for k in ("n_sampled", "n_interpretable", "fraction")},
+        "circuits": {k: {"predicted": g.target["predicted"], "nodes": g.scores["nodes"],
+                         "genes": [n["gene"] for n in g.nodes if n["type"] == "embed" and n.get("gene")]}
+                     for k, g in circ.circuits.items()},
+        "report": "circuits/" + cpaths["report_html"].name}
+    report["figures"]["circuits_report"] = "circuits/" + cpaths["report_html"].name
+    for name in circ.circuits:
+        report["figures"][f"circuit_{name}"] = "circuits/" + cpaths[f"circuit_{name}_png"].name
+    con.print(f"cell-sentence model on {pb.n_obs} pbmc68k cells: cell-type accuracy {lm['clean']['celltype_accuracy']:.3f} "
+              f"(transcoders spliced in {lm['spliced']['celltype_accuracy']:.3f}, MLPs ablated "
+              f"{lm['mlp_ablated']['celltype_accuracy']:.3f}); loss recovered {lm['recovered_celltype_ce']:.2f}")
+    for r in transcoder_table(circ.transcoders):
+        con.print(f"transcoder L{r['layer']}: L0 {r['l0']:.1f}, FVU {r['fvu']:.3f}, dead {r['dead_fraction']:.3f}")
+    con.print(f"gene-level interpretable: {circ.sample['n_interpretable']} of {circ.sample['n_sampled']} sampled features")
+    for k, g in circ.circuits.items():
+        genes = [n["gene"] for n in g.nodes if n["type"] == "embed" and n.get("gene")]
+        con.print(f"circuit '{k}': {g.scores['nodes']} nodes; input genes {', '.join(genes[:8])}")
+    atlas = train_sae_atlas(pb, "sort_gate", model=model, layers=[0, cfg.nlayers - 1],
+                            config=TranscoderConfig(expansion=4, k=16, epochs=2 if quick else 4,
+                                                    max_tokens=20_000 if quick else 60_000, seed=seed),
+                            max_len=128 if quick else 256)
+    apaths = atlas.save(out / "circuits")
+    report["stages"]["sae_atlas"] = {"data": "pbmc68k (real)", "summary": json.loads(atlas.summary().to_json(orient="records")),
+                                     "atlas": "circuits/" + apaths["html"].name}
+    report["figures"]["sae_atlas"] = "circuits/" + apaths["html"].name
+    for r in atlas.summary().to_dict("records"):
+        con.print(f"SAE layer {r['layer']}: L0 {r['l0']:.1f}, FVU {r['fvu']:.3f}, {r['live_features']} live features, "
+                  f"{r['interpretable']} interpretable")
+    report["timings_s"]["circuits"] = time.perf_counter() - t
 
     report["timings_s"]["total"] = time.perf_counter() - t_all
     write_json(out / "report.json", report)

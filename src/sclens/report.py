@@ -20,6 +20,7 @@ import base64
 import hashlib
 import html
 import json
+import os
 import time
 from pathlib import Path
 
@@ -157,6 +158,32 @@ def _compress_section(path: Path, figdir: Path) -> tuple[str, list[Path]]:
     return _md_to_html(summary_markdown(res)) + fig.to_html(full_html=False, include_plotlyjs=False), [path, png]
 
 
+def _circuits_section(path: Path) -> tuple[str, list[Path]]:
+    from .circuits.pipeline import circuits_fragment
+
+    md = path.with_suffix(".md")
+    if not md.is_file():
+        return f"<p>{html.escape(md.name)} is missing next to {html.escape(path.name)}.</p>", [path]
+    return circuits_fragment(md.read_text(), path.parent), [path, md, *sorted(path.parent.glob("circuit_*.png"))]
+
+
+def _sae_section(path: Path, page_dir: Path) -> tuple[str, list[Path]]:
+    atlas = json.loads(path.read_text())
+    summ = pd.DataFrame(atlas["summary"])
+    parts = [_table(summ)]
+    for layer, feats in atlas["features"].items():
+        good = sorted((f for f in feats if f.get("interpretable")), key=lambda f: f["q"])[:5]
+        if good:
+            parts.append(f"<p><b>Layer {html.escape(layer)}</b>, most significant features: " + "; ".join(
+                f"F{f['feature']} {html.escape(str(f['label']))} (q={f['q']:.2g}: "
+                f"{html.escape(', '.join(f['top_genes'][:6]))})" for f in good) + "</p>")
+    page = path.with_suffix(".html")
+    if page.is_file():
+        rel = os.path.relpath(page, page_dir)
+        parts.append(f"<p>Every feature of every layer, filterable: <a href='{html.escape(rel)}'>{html.escape(rel)}</a></p>")
+    return "".join(parts), [path]
+
+
 def _compress_png(res, png: Path) -> None:
     plt = _pyplot()
 
@@ -234,6 +261,14 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, title: s
             break  # one live viewer per page: its controls have fixed ids
     if not viewers:
         missing.append("3-D viewer (no viewer.json; write one with `sclens view`)")
+    for path in _find(run_dir, "circuits_report.json"):
+        body, used = _circuits_section(path)
+        sections.append((f"circuits{len(sections)}", f"Circuits — {path.parent.relative_to(run_dir)}", body))
+        sources += used
+    for path in _find(run_dir, "sae_atlas.json"):
+        body, used = _sae_section(path, out.parent)
+        sections.append((f"sae{len(sections)}", f"SAE atlas — {path.parent.relative_to(run_dir)}", body))
+        sources += used
     for stem, label, section in (("bench", "Benchmark", _bench_section), ("compress", "Compression", _compress_section)):
         found = _find(run_dir, f"{stem}_*.json")
         for i, path in enumerate(found):

@@ -50,7 +50,7 @@ def test_direct_effects_are_exact_for_the_affine_replacement(planted):
     pre = feature_preact(rep, tcs, 2, 5, 0)
     eff = direct_effects(rep, pre)
     # with the target's bias removed and all leaves scaled by t, the pre-activation scales by t (affine graph)
-    assert sum(eff.values()) == pytest.approx(float(pre.detach()) - float(tcs[2].b_enc[0]) - _constant(model, tcs, ids),
+    assert sum(eff.values()) == pytest.approx(float(pre.detach()) - float(tcs[2].b_enc[0].detach()) - _constant(model, tcs, ids),
                                               abs=1e-3)
     assert logit_contrast(model, rep, "A").item() > 0
 
@@ -78,7 +78,7 @@ def _constant(model, tcs, ids):
     hooks.append(("blocks.2.ln2.hook_normalized", lambda a, h: store.setdefault("x", a)))
     with torch.no_grad(), model.hooks(hooks):
         model(ids_t, mask)
-    return float(store["x"][0, 5] @ tcs[2].W_enc[:, 0])
+    return float((store["x"][0, 5] @ tcs[2].W_enc[:, 0]).detach())
 
 
 def test_heads_carrying_the_feature_are_found(planted):

@@ -53,3 +53,25 @@ def test_interpretable_fraction_is_seeded():
     a = interpretable_fraction(act, n=2, seed=3)
     assert a["n_sampled"] == 2 and a["n_interpretable"] == 1 and a["fraction"] == 0.5
     assert interpretable_fraction(act, n=1, seed=5)["features"] == interpretable_fraction(act, n=1, seed=5)["features"]
+
+
+def test_summary_position_feature_is_labelled_from_its_cells_genes():
+    """A feature that fires only at a non-gene position (like <celltype>) in cells whose sentences hold B-cell
+    markers gets its label from the context genes."""
+    rng = np.random.default_rng(1)
+    b = marker_set_table()["b_plasma"]["genes"]
+    genes = b + [f"BG{i}" for i in range(200)]
+    ids, cells, X = [], [], []
+    for c in range(80):
+        pool = np.arange(len(b)) if c < 20 else np.arange(len(b), len(genes))
+        g = rng.choice(pool, 10, replace=False) if c < 20 else rng.choice(pool, 10, replace=False)
+        g = np.concatenate([g, rng.choice(np.arange(len(b), len(genes)), 10, replace=False)])
+        ids += list(g) + [-1]
+        cells += [c] * (len(g) + 1)
+        X += [0.0] * len(g) + [3.0 if c < 20 else 0.0]
+    act = feature_activity(lambda x: x, torch.tensor(X)[:, None], torch.tensor(ids), torch.tensor(cells), 80, genes,
+                           cell_labels=np.array(["B"] * 20 + ["T"] * 60))
+    row = interpret_features(act, min_count=3).iloc[0]
+    assert row["top_genes"] == []  # it never fires on a gene token
+    assert set(row["context_genes"][:10]) <= set(b)
+    assert bool(row["interpretable"]) and row["label"] == "B / plasma" and row["label_from"] == "context"

@@ -6,11 +6,15 @@ sentence tokens, scGPT gene tokens). For each feature:
 * **top genes**: genes ranked by the feature's mean activation at positions holding that gene (genes seen at
   least ``min_count`` times; only positive means);
 * **top cells**: the cells with the largest activation anywhere in the cell, and their cell types;
+* **context genes**: the genes most over-represented in the top cells' token sets (share of top cells holding
+  the gene minus the share of all cells) -- what the feature's cells have in common, which suits features
+  that fire at a summary position (``<celltype>``) rather than on one gene;
 * **cell-type specificity**: per cell type, the mean over its cells of the feature's largest activation in
   the cell; specificity = the top cell type's share of the sum over cell types (1 = only one type);
-* **enrichment**: one-sided hypergeometric test of the top genes against each curated marker set (the
-  universe = the genes that could be ranked), Benjamini-Hochberg over every (feature, set) test of the call;
-  a feature is **gene-level interpretable** when some set has q <= alpha, and takes that set's label.
+* **enrichment**: one-sided hypergeometric test of the top genes and of the context genes against each
+  curated marker set (the universe = the genes that could be ranked), Benjamini-Hochberg over every
+  (feature, gene list, set) test of the call; a feature is **gene-level interpretable** when some test has
+  q <= alpha, and takes that set's label.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class FeatureActivity:
     fire_count: np.ndarray  # [F] positions where the feature is active
     n_tokens: int
     cell_labels: np.ndarray | None = None  # [N]
+    cell_genes: object = None  # scipy.sparse [N, G] bool: gene g occurs in cell n's tokens
 
     @property
     def n_features(self) -> int:
@@ -74,14 +79,19 @@ def feature_activity(encode: Callable[[torch.Tensor], torch.Tensor], X: torch.Te
         fire += (a > 0).sum(0)
     if gene_sum is None:
         raise InputError("no tokens to interpret")
+    import scipy.sparse as sp
+
+    m = (token_gene >= 0).numpy()
+    cg = sp.csr_matrix((np.ones(int(m.sum()), dtype=bool), (cell.numpy()[m], token_gene.numpy()[m])),
+                       shape=(n_cells, G))
     return FeatureActivity(list(genes), gene_sum.numpy(), gene_count.numpy(), cell_max.numpy(), fire.numpy(),
-                           int(len(X)), None if cell_labels is None else np.asarray(cell_labels, dtype=str))
+                           int(len(X)), None if cell_labels is None else np.asarray(cell_labels, dtype=str), cg)
 
 
 def interpret_features(act: FeatureActivity, features: Sequence[int] | None = None, *, n_genes: int = 25,
-                       min_count: int = 5, alpha: float = 0.05, n_cells: int = 20, sets: dict | None = None,
-                       ) -> pd.DataFrame:
-    """One row per feature: density, top genes, top cells' types, specificity, best marker set, q, label."""
+                       min_count: int = 5, alpha: float = 0.05, n_cells: int = 20, n_context_cells: int = 50,
+                       sets: dict | None = None) -> pd.DataFrame:
+    """One row per feature: density, top and context genes, top cells' types, specificity, best set, q, label."""
     from ..bench import bh_qvalues
     from ..compress import hypergeom_enrichment, marker_set_table
 
@@ -94,11 +104,24 @@ def interpret_features(act: FeatureActivity, features: Sequence[int] | None = No
     rows, tests = [], []
     labels = act.cell_labels
     types = sorted(set(labels)) if labels is not None else []
+    cg = act.cell_genes.tocsc()[:, idx_ok].astype(np.float32) if act.cell_genes is not None else None
+    base = np.asarray(cg.mean(0)).ravel() if cg is not None else None
     for f in features:
         m = mean[:, f]
         order = np.argsort(-m, kind="stable")[:n_genes]
         top = [universe[i] for i in order if m[i] > 0]
         row = {"feature": int(f), "density": float(act.density[f]), "top_genes": top}
+        lists = {"tokens": top}
+        if cg is not None:
+            cm = act.cell_max[:, f]
+            ctx_cells = np.argsort(-cm, kind="stable")[:n_context_cells]
+            ctx_cells = ctx_cells[cm[ctx_cells] > 0]
+            if len(ctx_cells):
+                over = np.asarray(cg[ctx_cells].mean(0)).ravel() - base
+                order = np.argsort(-over, kind="stable")[:n_genes]
+                lists["context"] = row["context_genes"] = [universe[i] for i in order if over[i] > 0]
+            else:
+                row["context_genes"] = []
         if labels is not None:
             cm = act.cell_max[:, f]
             best_cells = np.argsort(-cm, kind="stable")[:n_cells]
@@ -110,9 +133,10 @@ def interpret_features(act: FeatureActivity, features: Sequence[int] | None = No
                        top_cell_type=types[int(per_type.argmax())] if tot > 0 else None,
                        specificity=float(per_type.max() / tot) if tot > 0 else float("nan"))
         rows.append(row)
-        for key, spec in sets.items():
-            e = hypergeom_enrichment(top, spec["genes"], universe)
-            tests.append({"feature": int(f), "set": key, "set_label": spec["label"], **e})
+        for source, genes_ in lists.items():
+            for key, spec in sets.items():
+                e = hypergeom_enrichment(genes_, spec["genes"], universe)
+                tests.append({"feature": int(f), "genes_from": source, "set": key, "set_label": spec["label"], **e})
     table = pd.DataFrame(rows)
     tt = pd.DataFrame(tests)
     if len(tt):
@@ -120,6 +144,7 @@ def interpret_features(act: FeatureActivity, features: Sequence[int] | None = No
         best = tt.sort_values(["feature", "q", "p"]).groupby("feature").first()
         table["best_set"] = table.feature.map(best["set_label"])
         table["overlap"] = table.feature.map(best["genes"].map(", ".join))
+        table["label_from"] = table.feature.map(best["genes_from"])
         table["q"] = table.feature.map(best["q"])
         table["interpretable"] = table["q"] <= alpha
         table["label"] = np.where(table["interpretable"], table["best_set"], "unresolved")

@@ -63,7 +63,8 @@ def concat_activity(acts: dict[int, FeatureActivity]) -> tuple[FeatureActivity, 
     keys = [(l, f) for l in layers for f in range(acts[l].n_features)]
     cat = FeatureActivity(a0.genes, np.concatenate([acts[l].gene_sum for l in layers], 1), a0.gene_count,
                           np.concatenate([acts[l].cell_max for l in layers], 1),
-                          np.concatenate([acts[l].fire_count for l in layers]), a0.n_tokens, a0.cell_labels)
+                          np.concatenate([acts[l].fire_count for l in layers]), a0.n_tokens, a0.cell_labels,
+                          a0.cell_genes)
     return cat, keys
 
 
@@ -83,11 +84,15 @@ def _decision_cell(model, sentences, labels, target: str) -> int:
 def run_circuits(adata, label_key: str, *, model=None, config: TranscoderConfig | None = None,
                  layers: Sequence[int] | None = None, decisions: Sequence[str] = ("monocytes", "nk"),
                  eval_fraction: float = 0.2, n_sample: int = 20, max_nodes: int = 24, seed: int = 0,
-                 var_key: str | None = None, layer: str | None = None, progress: bool = True) -> CircuitsResult:
+                 known_genes_only: bool = False, var_key: str | None = None, layer: str | None = None,
+                 progress: bool = True) -> CircuitsResult:
     """Transcoders on the MLP layers of a cell-sentence model, their features interpreted, decisions traced.
 
     Cells are split (stratified, ``seed``) into transcoder-training and evaluation cells; losses, feature
     statistics and traced cells come from the evaluation cells, features' gene statistics from all cells.
+    Sentences are built as in training (genes outside the vocabulary become ``<unk>``); with
+    ``known_genes_only`` they are built from the vocabulary's genes only, which helps data measured on a
+    small gene panel (fewer positions wasted on ``<unk>``) but differs from the training input.
     """
     from sklearn.model_selection import train_test_split
 
@@ -105,7 +110,13 @@ def run_circuits(adata, label_key: str, *, model=None, config: TranscoderConfig 
     missing = [d for d in decisions if d not in model.vocab.labels]
     if missing:
         raise InputError(f"decision(s) {missing} are not among the model's labels {model.vocab.labels}")
-    sents = cell_sentences(adata, top_k=model.vocab.top_k, seed=seed, layer=layer, var_key=var_key)
+    names = adata.var[var_key].astype(str).to_numpy() if var_key else np.asarray(adata.var_names, dtype=str)
+    known = np.isin(np.char.upper(names.astype(str)), model.vocab.genes)
+    if known.sum() < 10:
+        raise InputError(f"only {int(known.sum())} of the data's genes are in the model's vocabulary "
+                         f"(e.g. {model.vocab.genes[:5]}); are the gene names symbols?")
+    sents = cell_sentences(adata[:, known] if known_genes_only else adata, top_k=model.vocab.top_k, seed=seed,
+                           layer=layer, var_key=var_key)
     idx = np.arange(adata.n_obs)
     tr, ev = train_test_split(idx, test_size=eval_fraction, random_state=seed, stratify=labels)
     cfg = config or TranscoderConfig(seed=seed)
@@ -117,17 +128,21 @@ def run_circuits(adata, label_key: str, *, model=None, config: TranscoderConfig 
     sample = interpretable_fraction(cat, n=n_sample, seed=seed)
     sample["features"] = [f"L{keys[f][0]}.F{keys[f][1]}" for f in sample["features"]]
     sample["table"] = sample["table"].assign(feature=[f"L{keys[f][0]}.F{keys[f][1]}" for f in sample["table"].feature])
-    circuits, heads = {}, {}
+    circuits, heads, skipped = {}, {}, {}
     ev_s, ev_l = [sents[i] for i in ev], labels[ev]
     for target in decisions:
-        c = _decision_cell(model, ev_s, ev_l, target)
+        try:
+            c = _decision_cell(model, ev_s, ev_l, target)
+        except InputError as exc:
+            skipped[target] = str(exc)
+            continue
         g = trace_circuit(model, ts.transcoders, ev_s[c], target, max_nodes=max_nodes)
         g.target["cell"] = str(adata.obs_names[ev[c]])
         for n in g.nodes:
             if n["type"] == "feature":
                 row = tables[n["layer"]].set_index("feature").loc[n["feature"]]
-                n.update(top_genes=list(row["top_genes"][:10]), feature_label=row["label"], q=float(row["q"]),
-                         top_cell_type=row.get("top_cell_type"))
+                n.update(top_genes=list(row["top_genes"][:10]), context_genes=list(row.get("context_genes", [])[:10]),
+                         feature_label=row["label"], q=float(row["q"]), top_cell_type=row.get("top_cell_type"))
         circuits[target] = g
         feats = sorted((n for n in g.features() if n["layer"] > 0), key=lambda n: -n["influence"])
         if feats:
@@ -135,7 +150,8 @@ def run_circuits(adata, label_key: str, *, model=None, config: TranscoderConfig 
             ids = model.encode_cells([ev_s[c]])[0]
             heads[target] = trace_heads(model, ts.transcoders, ids, top["layer"], top["pos"], top["feature"])
     info = {"model": model.source, "label_key": label_key, "n_cells": int(adata.n_obs), "n_train_cells": len(tr),
-            "n_eval_cells": len(ev), "decisions": list(decisions), "seed": seed,
+            "n_eval_cells": len(ev), "decisions": list(decisions), "skipped_decisions": skipped, "seed": seed,
+            "genes_in_vocabulary": int(known.sum()), "known_genes_only": known_genes_only,
             "input_sha256": array_sha256(adata.X)[:16], "seconds": time.perf_counter() - t0,
             "versions": package_versions(("sclens", "torch", "transformers", "numpy", "anndata"))}
     return CircuitsResult(ts, tables, sample, circuits, heads, info)
@@ -150,7 +166,8 @@ def _fmt(v, nd=3):
 
 def circuits_markdown(res: CircuitsResult) -> str:
     lm = res.transcoders.metrics.get("lm", {})
-    out = [f"Model `{res.info.get('model')}`; {res.info.get('n_eval_cells')} evaluation cells, "
+    out = [f"Model `{res.info.get('model')}`; {res.info.get('n_eval_cells')} evaluation cells "
+           f"({res.info.get('genes_in_vocabulary')} of the data's genes in its vocabulary), "
            f"transcoders ({res.transcoders.config.kind}, k={res.transcoders.config.k}, "
            f"{res.transcoders.config.expansion}x) trained on {res.info.get('n_train_cells')} cells.", "",
            "### Transcoders per MLP layer", "",
@@ -170,21 +187,26 @@ def circuits_markdown(res: CircuitsResult) -> str:
     out += ["", "### Gene-level interpretability", "",
             f"{s['n_interpretable']} of {s['n_sampled']} randomly sampled live features are gene-level interpretable "
             f"(a marker set enriched among their top genes, BH q <= {s['table'].attrs.get('alpha', 0.05)}; the "
-            "published study: 7 of 20).", "", "| feature | label | q | top genes | top cell type |", "|---|---|---|---|---|"]
+            "published study: 7 of 20). Top genes: highest mean activation where the gene is the token; context genes: "
+            "most over-represented in the sentences of the feature's top cells.", "",
+            "| feature | label | q | top genes | context genes | top cell type |", "|---|---|---|---|---|---|"]
     for r in s["table"].itertuples():
-        out.append(f"| {r.feature} | {r.label} | {r.q:.2g} | {', '.join(r.top_genes[:8])} | {getattr(r, 'top_cell_type', '')} |")
+        out.append(f"| {r.feature} | {r.label} | {r.q:.2g} | {', '.join(r.top_genes[:6])} | "
+                   f"{', '.join((getattr(r, 'context_genes', None) or [])[:6])} | {getattr(r, 'top_cell_type', '')} |")
+    for name, why in res.info.get("skipped_decisions", {}).items():
+        out += ["", f"Decision '{name}' not traced: {why}."]
     for name, g in res.circuits.items():
         out += ["", f"### Circuit: '{name}'", "",
                 f"Cell `{g.target.get('cell')}` (predicted {g.target['predicted']}); logit contrast "
                 f"{g.scores['target_value']:.2f}; {g.scores['nodes']} nodes, {g.scores['edges']} edges; error share "
                 f"of the logit's direct inputs {_fmt(g.scores['root_error_share'])}.", "",
-                "| node | influence | activation | label | top genes |", "|---|---|---|---|---|"]
+                "| node | influence | activation | label | top genes | context genes |", "|---|---|---|---|---|---|"]
         for n in g.nodes:
             if n["type"] == "feature":
                 out.append(f"| {n['id']} | {n['influence']:.3f} | {n['activation']:.2f} | {n.get('feature_label')} | "
-                           f"{', '.join(n.get('top_genes', [])[:8])} |")
+                           f"{', '.join(n.get('top_genes', [])[:6])} | {', '.join(n.get('context_genes', [])[:6])} |")
             elif n["type"] == "embed":
-                out.append(f"| {n['id']} (gene {n.get('gene') or n['token']}) | {n['influence']:.3f} | | | |")
+                out.append(f"| {n['id']} (gene {n.get('gene') or n['token']}) | {n['influence']:.3f} | | | | |")
         if name in res.heads:
             h = res.heads[name]
             out += ["", f"Heads carrying the input of {h['target']['layer']}.F{h['target']['feature']}: " +

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..utils import array_sha256, atomic_write, package_versions, write_json
 from .interpret import feature_activity, interpret_features
-from .transcoders import Transcoder, TranscoderConfig, train_transcoder
+from .transcoders import Transcoder, TranscoderConfig, check_layers, train_transcoder
 
 
 @dataclass
@@ -98,10 +98,7 @@ def train_sae_atlas(adata, label_key: str | None = None, *, model=None, config: 
     if label_key is not None and label_key not in adata.obs:
         raise InputError(f"obs has no column {label_key!r}; columns: {list(adata.obs.columns)}")
     model = resolve_model(model)
-    layers = list(range(model.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
-    bad = [l for l in layers if not 0 <= l < model.n_layers]
-    if bad:
-        raise InputError(f"layer(s) {bad} out of range: the model has {model.n_layers} layers")
+    layers = check_layers(layers, model.n_layers)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
@@ -153,7 +150,7 @@ def atlas_html(atlas: SAEAtlas) -> str:
     for l in sorted(atlas.tables):
         t = atlas.tables[l]
         parts.append(f"<h3>Layer {l}</h3><table class='atlas'><tr><th>feature</th><th>density</th><th>label</th>"
-                     "<th>q</th><th>top genes</th><th>top cell type</th><th>specificity</th><th>top cells</th></tr>")
+                     "<th>q</th><th>top genes</th><th>context genes</th><th>top cell type</th><th>specificity</th><th>top cells</th></tr>")
         for r in t.sort_values(["interpretable", "q"], ascending=[False, True]).itertuples():
             comp = ", ".join(f"{k} {v}" for k, v in (getattr(r, "top_cell_types", None) or {}).items())
             spec = getattr(r, "specificity", float("nan"))
@@ -161,6 +158,7 @@ def atlas_html(atlas: SAEAtlas) -> str:
                 f"<tr class='{'yes' if r.interpretable else 'no'}'><td>{r.feature}</td><td>{r.density:.4f}</td>"
                 f"<td>{html.escape(str(r.label))}</td><td>{r.q:.2g}</td>"
                 f"<td>{html.escape(', '.join(r.top_genes[:12]))}</td>"
+                f"<td>{html.escape(', '.join((getattr(r, 'context_genes', None) or [])[:12]))}</td>"
                 f"<td>{html.escape(str(getattr(r, 'top_cell_type', '')))}</td><td>{spec:.2f}</td>"
                 f"<td>{html.escape(comp)}</td></tr>")
         parts.append("</table>")

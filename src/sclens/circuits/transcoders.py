@@ -390,6 +390,15 @@ class TranscoderSet:
         return cls(tcs, TranscoderConfig(**man["config"]), man.get("metrics", {}), man.get("info", {}))
 
 
+def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """Sorted unique layer indices (default: all), each checked against the model's depth."""
+    layers = list(range(n_layers)) if layers is None else sorted(set(int(l) for l in layers))
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise InputError(f"layer(s) {bad} out of range: the model has {n_layers} layers")
+    return layers
+
+
 def train_transcoders(model, sentences, labels, config: TranscoderConfig | None = None, *,
                       layers: Sequence[int] | None = None, eval_sentences=None, eval_labels=None,
                       progress: bool = True) -> TranscoderSet:
@@ -400,10 +409,7 @@ def train_transcoders(model, sentences, labels, config: TranscoderConfig | None 
     with each one alone, and with the same MLPs zero-ablated.
     """
     cfg = config or TranscoderConfig()
-    layers = list(range(model.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
-    bad = [l for l in layers if not 0 <= l < model.n_layers]
-    if bad:
-        raise InputError(f"layer(s) {bad} out of range: the model has {model.n_layers} layers")
+    layers = check_layers(layers, model.n_layers)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
