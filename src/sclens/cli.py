@@ -586,7 +586,8 @@ def circuits_transcoders(
     layers: Optional[str] = typer.Option(None, help="MLP layers, comma-separated (default: all)."),
     kind: Optional[str] = typer.Option(None, help="topk or l1."), k: Optional[int] = typer.Option(None),
     expansion: Optional[int] = typer.Option(None), epochs: Optional[int] = typer.Option(None),
-    decisions: str = typer.Option("monocytes,nk", help="Cell types whose decisions are traced."),
+    decisions: Optional[str] = typer.Option(None, help="Cell types whose decisions are traced, comma-separated "
+                                                       "(default: monocytes and nk where the model has them)."),
     n_sample: int = typer.Option(20, help="Random features sampled for the interpretable fraction."),
     seed: int = typer.Option(0), var_key: Optional[str] = typer.Option(None),
 ) -> None:
@@ -598,7 +599,8 @@ def circuits_transcoders(
     try:
         cfg = _tc_config(config, kind=kind, k=k, expansion=expansion, epochs=epochs, seed=seed)
         res = run_circuits(read_h5ad(data_path), label_key, model=str(model) if model else None, config=cfg,
-                           layers=_layers_opt(layers), decisions=_split(decisions), n_sample=n_sample, seed=seed,
+                           layers=_layers_opt(layers), decisions=_split(decisions) if decisions else None,
+                           n_sample=n_sample, seed=seed,
                            var_key=var_key)
         paths = res.save(out)
         for r in transcoder_table(res.transcoders):

@@ -82,7 +82,7 @@ def _decision_cell(model, sentences, labels, target: str) -> int:
 
 
 def run_circuits(adata, label_key: str, *, model=None, config: TranscoderConfig | None = None,
-                 layers: Sequence[int] | None = None, decisions: Sequence[str] = ("monocytes", "nk"),
+                 layers: Sequence[int] | None = None, decisions: Sequence[str] | None = None,
                  eval_fraction: float = 0.2, n_sample: int = 20, max_nodes: int = 24, seed: int = 0,
                  known_genes_only: bool = False, var_key: str | None = None, layer: str | None = None,
                  progress: bool = True) -> CircuitsResult:
@@ -90,6 +90,7 @@ def run_circuits(adata, label_key: str, *, model=None, config: TranscoderConfig 
 
     Cells are split (stratified, ``seed``) into transcoder-training and evaluation cells; losses, feature
     statistics and traced cells come from the evaluation cells, features' gene statistics from all cells.
+    ``decisions`` defaults to "monocytes" and "nk" where the model has them, else its first label.
     Sentences are built as in training (genes outside the vocabulary become ``<unk>``); with
     ``known_genes_only`` they are built from the vocabulary's genes only, which helps data measured on a
     small gene panel (fewer positions wasted on ``<unk>``) but differs from the training input.
@@ -107,6 +108,8 @@ def run_circuits(adata, label_key: str, *, model=None, config: TranscoderConfig 
     unknown = sorted(set(labels) - set(model.vocab.labels))
     if unknown:
         raise InputError(f"cell types {unknown} are not among the model's labels {model.vocab.labels}")
+    if decisions is None:
+        decisions = [d for d in ("monocytes", "nk") if d in model.vocab.labels] or model.vocab.labels[:1]
     missing = [d for d in decisions if d not in model.vocab.labels]
     if missing:
         raise InputError(f"decision(s) {missing} are not among the model's labels {model.vocab.labels}")
