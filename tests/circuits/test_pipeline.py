@@ -86,3 +86,15 @@ def test_sae_atlas_on_the_default_scgpt_model(tmp_path):
     assert json.loads(paths["json"].read_text())["format"] == "sclens-sae-atlas"
     with pytest.raises(InputError, match="out of range"):
         train_sae_atlas(a, None, layers=[99], progress=False)
+
+
+def test_default_decision_and_known_gene_sentences(small_lm):
+    a, model_dir = small_lm
+    b = a.copy()
+    b.var_names = [f"X{i}" if i % 2 else g for i, g in enumerate(a.var_names)]  # half the genes unknown
+    res = run_circuits(b, "cell_type", model=str(model_dir), config=TranscoderConfig(expansion=2, k=4, epochs=1),
+                       layers=[1], n_sample=3, max_nodes=3, known_genes_only=True, progress=False)
+    assert res.info["decisions"] == ["alpha"]  # no monocytes / nk in this model: its first label
+    assert res.info["known_genes_only"] and res.info["genes_in_vocabulary"] < a.n_vars
+    assert all(g.startswith("GENE") for n in res.circuits["alpha"].nodes if n["type"] == "embed" and n.get("gene")
+               for g in [n["gene"]])
