@@ -540,6 +540,27 @@ def _lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, label_
     return (nll[gene].sum() + label_weight * nll[is_label].sum()) / (gene.sum() + label_weight * B), gene_ce, label_ce
 
 
+@torch.no_grad()
+def celltype_losses(forward, seqs: Sequence[Sequence[int]], vocab: CellSentenceVocab, *, batch_size: int = 64) -> dict:
+    """Next-gene CE, cell-type CE and cell-type accuracy (argmax over the label tokens) of
+    ``forward(ids, mask) -> logits`` on labelled sequences ``... <celltype> LABEL <eos>``; per-batch means are
+    weighted by the batch's number of cells."""
+    lab_ids = torch.as_tensor(vocab.label_ids)
+    tot = {"gene_ce": 0.0, "celltype_ce": 0.0, "correct": 0}
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = pad_batch(seqs[i: i + batch_size])
+        pos = mask.sum(1) - 3  # the <celltype> position, which predicts LABEL
+        logits = forward(ids, mask)
+        _, g, c = _lm_loss(logits, ids, mask, pos, 1.0)
+        B = len(ids)
+        tot["gene_ce"] += g.item() * B
+        tot["celltype_ce"] += c.item() * B
+        pred = logits[torch.arange(B), pos][:, lab_ids].argmax(1) + vocab.label_offset
+        tot["correct"] += int((pred == ids[torch.arange(B), pos + 1]).sum())
+    n = max(1, len(seqs))
+    return {"gene_ce": tot["gene_ce"] / n, "celltype_ce": tot["celltype_ce"] / n, "celltype_accuracy": tot["correct"] / n}
+
+
 def train_cell_lm(adata, label_key: str, config: CellLMConfig | None = None, *, out_dir: str | Path | None = None,
                   var_key: str | None = None, layer: str | None = None, progress: bool = True) -> CellLMResult:
     """Train a gene-level cell-sentence GPT-NeoX from scratch on ``adata`` (cells with a cell-type column).
@@ -576,24 +597,14 @@ def train_cell_lm(adata, label_key: str, config: CellLMConfig | None = None, *, 
         label_pos = mask.sum(1) - 3  # index (in the shifted targets) of the label token: ... <celltype> LABEL <eos>
         return ids, mask, label_pos
 
+    val_seqs = [seqs[i] for i in va]
+
     def evaluate():
         hf.eval()
-        tot = {"gene_ce": 0.0, "label_ce": 0.0, "correct": 0}
-        lab_ids = torch.as_tensor(vocab.label_ids)
-        with torch.no_grad():
-            for i in range(0, len(va), 256):
-                rows = va[i: i + 256]
-                ids, mask, pos = batch(rows)
-                logits = hf(input_ids=ids, attention_mask=mask).logits
-                _, g, c = _lm_loss(logits, ids, mask, pos, cfg.label_weight)
-                tot["gene_ce"] += g.item() * len(rows)
-                tot["label_ce"] += c.item() * len(rows)
-                pred = logits[torch.arange(len(rows)), pos][:, lab_ids].argmax(1) + vocab.label_offset
-                tot["correct"] += int((pred == ids[torch.arange(len(rows)), pos + 1]).sum())
+        m = celltype_losses(lambda ids, mask: hf(input_ids=ids, attention_mask=mask).logits, val_seqs, vocab,
+                            batch_size=256)
         hf.train()
-        n = len(va)
-        return {"val_gene_ce": tot["gene_ce"] / n, "val_label_ce": tot["label_ce"] / n,
-                "val_accuracy": tot["correct"] / n}
+        return {"val_gene_ce": m["gene_ce"], "val_label_ce": m["celltype_ce"], "val_accuracy": m["celltype_accuracy"]}
 
     history, best, best_state = [], math.inf, None
     t0 = time.perf_counter()

@@ -131,6 +131,7 @@ def run_circuits(adata, label_key: str, *, model=None, config: TranscoderConfig 
     sample = interpretable_fraction(cat, n=n_sample, seed=seed)
     sample["features"] = [f"L{keys[f][0]}.F{keys[f][1]}" for f in sample["features"]]
     sample["table"] = sample["table"].assign(feature=[f"L{keys[f][0]}.F{keys[f][1]}" for f in sample["table"].feature])
+    by_feature = {l: t.set_index("feature") for l, t in tables.items()}
     circuits, heads, skipped = {}, {}, {}
     ev_s, ev_l = [sents[i] for i in ev], labels[ev]
     for target in decisions:
@@ -143,7 +144,7 @@ def run_circuits(adata, label_key: str, *, model=None, config: TranscoderConfig 
         g.target["cell"] = str(adata.obs_names[ev[c]])
         for n in g.nodes:
             if n["type"] == "feature":
-                row = tables[n["layer"]].set_index("feature").loc[n["feature"]]
+                row = by_feature[n["layer"]].loc[n["feature"]]
                 n.update(top_genes=list(row["top_genes"][:10]), context_genes=list(row.get("context_genes", [])[:10]),
                          feature_label=row["label"], q=float(row["q"]), top_cell_type=row.get("top_cell_type"))
         circuits[target] = g

@@ -311,27 +311,13 @@ def splice_hooks(model, transcoders: dict[int, Transcoder] | None = None, ablate
     return model.hooks(hooks)
 
 
-@torch.no_grad()
 def lm_losses(model, sentences, labels, *, transcoders: dict[int, Transcoder] | None = None,
               ablate: Sequence[int] = (), batch_size: int = 64) -> dict:
-    """Next-gene CE, cell-type CE and cell-type accuracy (cell-type argmax over the label tokens)."""
-    from .lm import _lm_loss
+    """Next-gene CE, cell-type CE and cell-type accuracy with the given MLPs spliced or ablated."""
+    from .lm import celltype_losses
 
-    lab_ids = torch.as_tensor(model.vocab.label_ids)
-    tot = {"gene_ce": 0.0, "celltype_ce": 0.0, "correct": 0, "n": 0}
     with splice_hooks(model, transcoders, ablate):
-        for ids, mask in token_batches(model, sentences, labels, batch_size=batch_size):
-            logits = model(ids, mask)
-            pos = mask.sum(1) - 3
-            _, g, c = _lm_loss(logits, ids, mask, pos, 1.0)
-            B = len(ids)
-            tot["gene_ce"] += g.item() * B
-            tot["celltype_ce"] += c.item() * B
-            pred = logits[torch.arange(B), pos][:, lab_ids].argmax(1) + model.vocab.label_offset
-            tot["correct"] += int((pred == ids[torch.arange(B), pos + 1]).sum())
-            tot["n"] += B
-    n = max(1, tot["n"])
-    return {"gene_ce": tot["gene_ce"] / n, "celltype_ce": tot["celltype_ce"] / n, "celltype_accuracy": tot["correct"] / n}
+        return celltype_losses(model, model.encode_cells(sentences, labels), model.vocab, batch_size=batch_size)
 
 
 def loss_recovered(clean: float, spliced: float, ablated: float) -> float:
