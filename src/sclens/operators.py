@@ -196,6 +196,33 @@ def export_operators(
     return banks
 
 
+def export_random_controls(
+    model, adata: ad.AnnData, panel: GenePanel, kinds: Iterable[Kind] = KINDS, *, n_copies: int = 3,
+    first_seed: int = 0, keep_embeddings: bool = True, n_ref_cells: int = 256, seed: int = 0, batch_size: int = 8,
+    layer: str | None = None, progress: bool = True,
+) -> list[dict[str, OperatorBank]]:
+    """Operator banks of ``n_copies`` random-weights copies of ``model`` (:func:`sclens.models.controls.randomize`,
+    seeds ``first_seed``, ``first_seed + 1``, ...), exported exactly as :func:`export_operators` exports the model's
+    own (same panel, same reference cells for the same ``seed`` and ``n_ref_cells``). Each bank's manifest records
+    the copy's recipe under ``random_control``."""
+    from tqdm.auto import tqdm
+
+    from .models.controls import randomize
+
+    if n_copies < 0:
+        raise InputError(f"the number of random-weights copies must be >= 0, got {n_copies}")
+    out = []
+    for i in tqdm(range(n_copies), desc="random-weights controls", unit="copy", disable=not progress or n_copies == 0):
+        rnd = randomize(model, first_seed + i, keep_embeddings=keep_embeddings)
+        banks = export_operators(rnd, adata, panel, kinds, n_ref_cells=n_ref_cells, seed=seed, batch_size=batch_size,
+                                 layer=layer, progress=False)
+        recipe = {k: v for k, v in rnd.random_control.items() if k != "redrawn_tensors"}
+        for b in banks.values():
+            b.manifest["random_control"] = recipe
+        out.append(banks)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ featurise
 def featurize(x: np.ndarray, A: np.ndarray, chunk_size: int = 50_000) -> np.ndarray:
     """``x · A`` for a matrix of cells [n, G] (chunked so memory stays bounded)."""
