@@ -62,3 +62,132 @@ def test_screen_resumes_from_its_cache(tmp_path, cells):
     second = screen(banks, anchors, **kw)
     cols = ["featurisation", "layer", "head", "ruler_spearman_resid", "perm_p"]
     assert first.table[cols].equals(second.table[cols])
+
+
+# ------------------------------------------------------------------ controls: the learned gate
+NI = 16  # stage-identity genes: raw expression tells stages apart but carries no ordering
+
+
+@pytest.fixture(scope="module")
+def controlled(tmp_path_factory):
+    """The planted fixture with stage-identity genes and norm-matched heads, screened with 3 random-weights copies."""
+    from sclens.operators import export_random_controls
+
+    tmp = tmp_path_factory.mktemp("controlled")
+    cells = planted_cells(n_identity=NI)
+    model = load_scgpt(build_planted_checkpoint(tmp / "m", planted=True, n_identity=NI, matched_norms=True))
+    panel = GenePanel(tuple(gene_names(NI)))
+    banks = export_operators(model, cells, panel, kinds=["ov"], n_ref_cells=16, progress=False)
+    controls = export_random_controls(model, cells, panel, kinds=["ov"], n_copies=3, n_ref_cells=16, progress=False)
+    anchors = build_anchors(cells, panel, label_key="cell_type", donor_key="donor")
+    rep = screen(banks, anchors, progress=False, controls=controls, n_jobs=2)
+    return rep, anchors, banks, controls, model
+
+
+def test_planted_fixture_norms_are_matched_and_raw_carries_stage_identity(controlled, tmp_path):
+    rep, anchors, banks, _, model = controlled
+    from tests.planted import PLANTED
+
+    attn = model.blocks[PLANTED[0]].attn
+    D, dh = 64, 16
+    v = [float(attn.in_proj_weight.detach()[2 * D + h * dh : 2 * D + (h + 1) * dh].norm()) for h in range(4)]
+    others = [x for i, x in enumerate(v) if i != PLANTED[1]]
+    assert v[PLANTED[1]] == pytest.approx(np.mean(others), rel=1e-4)
+    # same-stage anchors of different donors are closer in the identity genes than different-stage anchors
+    X = anchors.X[:, -NI:]
+    st = anchors.obs["stage"].to_numpy()
+    D2 = ((X[:, None] - X[None]) ** 2).sum(-1)
+    same, diff = st[:, None] == st[None], st[:, None] != st[None]
+    np.fill_diagonal(same, False)
+    assert D2[same].mean() < 0.2 * D2[diff].mean()
+
+
+def test_learned_gate_passes_only_the_planted_unit_and_what_contains_it(controlled):
+    rep, *_ = controlled
+    t = rep.table
+    assert rep.info["learned_gate"]["evaluated"] and rep.info["learned_gate"]["n_random_copies"] == 3
+    assert {"margin_over_raw", "margin_over_random", "random_quantile_value", "gate_learned", "passes_published"} <= set(t)
+    planted = (t["featurisation"] == "ov") & (t["layer"] == PLANTED[0]) & (t["head"] == PLANTED[1])
+    contains = planted | t["featurisation"].str.startswith("drift:")
+    assert t.loc[t["passes_all"], :].shape[0] >= 1
+    assert (planted | ~t["passes_all"]).all() or (contains | ~t["passes_all"]).all()
+    assert not t.loc[~contains, "passes_all"].any()
+    assert t.loc[planted, "gate_learned"].any() and t.loc[planted & t["passes_all"]].shape[0] >= 1
+    # raw never passes the learned gate (it is the control); random units never pass every gate
+    assert not t.loc[t["featurisation"] == "raw", "gate_learned"].any()
+    assert not t.loc[t["featurisation"] == "raw", "passes_all"].any()
+    rnd = (t["featurisation"] == "ov") & ~planted
+    assert not t.loc[rnd, "passes_all"].any()
+    # the planted unit's margins are positive where it passes; the ranking puts it first
+    top = rep.top
+    assert (top["featurisation"], int(top["layer"]), int(top["head"])) == ("ov",) + PLANTED
+    assert top["margin_over_raw"] > 0 and top["margin_over_random"] > 0
+    # every control copy x unit x fitter was evaluated, and none failed
+    assert len(rep.controls) == 3 * (12 + 1) * 3 and (rep.controls["failure"] == "").all()
+
+
+def test_learned_gate_and_controls_in_the_saved_report(controlled, tmp_path):
+    import json
+
+    rep, anchors, banks, *_ = controlled
+    out = rep.save(tmp_path / "r", anchors, banks)
+    assert {"screen_controls.csv", "screen_heatmap_ov.png"} <= {p.name for p in out.iterdir()}
+    saved = json.loads((out / "screen_report.json").read_text())
+    assert "learned" in saved["gates"] and saved["info"]["learned_gate"]["evaluated"]
+    assert saved["gates_sha256"] == load_gates()[1]
+
+
+def test_without_controls_the_learned_gate_is_not_evaluated(tmp_path, cells):
+    model = load_scgpt(build_planted_checkpoint(tmp_path / "m", planted=True))
+    panel = GenePanel(tuple(gene_names()))
+    banks = export_operators(model, cells, panel, kinds=["ov"], n_ref_cells=8, progress=False)
+    anchors = build_anchors(cells, panel, label_key="cell_type", donor_key="donor")
+    rep = screen(banks, anchors, fitters=["isomap"], units=[(0, 2)], include_drift=False, progress=False)
+    assert not rep.info["learned_gate"]["evaluated"] and "not evaluated" in rep.info["learned_gate"]["note"]
+    assert rep.table["gate_learned"].isna().all()
+    assert (rep.table["passes_all"] == rep.table["passes_published"]).all()
+
+
+def test_all_random_checkpoint_with_controls_passes_nothing(tmp_path):
+    from sclens.operators import export_random_controls
+
+    cells = planted_cells(n_identity=NI)
+    model = load_scgpt(build_planted_checkpoint(tmp_path / "r", planted=False, n_identity=NI))
+    panel = GenePanel(tuple(gene_names(NI)))
+    banks = export_operators(model, cells, panel, kinds=["ov"], n_ref_cells=8, progress=False)
+    controls = export_random_controls(model, cells, panel, kinds=["ov"], n_copies=1, n_ref_cells=8, progress=False)
+    anchors = build_anchors(cells, panel, label_key="cell_type", donor_key="donor")
+    rep = screen(banks, anchors, fitters=["isomap"], progress=False, controls=controls, n_jobs=2)
+    assert not rep.table["passes_all"].any()
+
+
+def test_uniform_attention_checkpoint_is_reported_not_crashed(tmp_path, cells):
+    """Heads that attend uniformly make every attn / qk operator identical: their drift is all-zero. The
+    screen records those rows as failed with the reason and finishes (it used to raise from scikit-learn)."""
+    model = load_scgpt(build_planted_checkpoint(tmp_path / "u", planted=False, uniform_attention=True))
+    panel = GenePanel(tuple(gene_names()))
+    banks = export_operators(model, cells, panel, n_ref_cells=8, progress=False)
+    anchors = build_anchors(cells, panel, label_key="cell_type", donor_key="donor")
+    rep = screen(banks, anchors, units=[(1, 1)], let_epochs=30, progress=False, n_jobs=2)
+    t = rep.table
+    failed = t[t["failure"] != ""]
+    assert set(failed["featurisation"]) >= {"drift:attn", "drift:qk"}
+    assert failed["failure"].str.contains("all-zero").all()
+    assert not failed[[c for c in t.columns if c.startswith("gate_") and c != "gate_learned"]].any(axis=None)
+    assert not t["passes_all"].any()
+    assert rep.info["n_failed"] == len(failed)
+    rep.save(tmp_path / "rep", anchors, banks)
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (np.zeros((12, 5)), "all-zero"),
+    (np.ones((12, 5)), "constant"),
+    (np.r_[np.full((11, 5), 1.0), [[np.nan] * 5]], "non-finite"),
+    (np.r_[np.ones((6, 5)), np.full((6, 5), 2.0)], "distinct"),
+    (np.zeros((12, 0)), "no features"),
+])
+def test_degenerate_featurisations_are_named(bad, reason):
+    from sclens.manifold import degenerate_reason
+
+    assert reason in degenerate_reason(bad, 6)
+    assert degenerate_reason(np.random.default_rng(0).normal(size=(12, 5)), 6) is None

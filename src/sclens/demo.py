@@ -226,15 +226,19 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     con.rule("[bold]5/10 operators and gated unit screen")
     t = time.perf_counter()
     from .anchors import build_anchors
-    from .operators import export_operators
+    from .operators import export_operators, export_random_controls
     from .screen import screen
 
     spanel = select_panel(sim, model.vocab.genes, n_genes=150 if quick else 300)
     banks = export_operators(model, sim, spanel, n_ref_cells=32 if quick else 64, seed=seed)
+    n_copies = 1 if quick else 3
+    controls = export_random_controls(model, sim, spanel, n_copies=n_copies, n_ref_cells=32 if quick else 64, seed=seed)
     anchors = build_anchors(sim, spanel, label_key="cell_type", donor_key="donor", tissue_key="tissue", seed=seed)
     con.print(f"exported {len(banks)} x {cfg.nlayers * cfg.nheads} operators ({len(spanel)} x {len(spanel)}); "
               f"{len(anchors)} anchors (donor x tissue x cell type, >= 5 cells) on {anchors.info['n_stages']} stages")
-    rep = screen(banks, anchors, fitters=["isomap", "gmds"], seed=seed, n_jobs=2, cache_dir=out / "screen" / "cache")
+    rep = screen(banks, anchors, fitters=["isomap", "gmds"], seed=seed, n_jobs=2, cache_dir=out / "screen" / "cache",
+                 controls=controls)
+    lg = rep.info["learned_gate"]
     rep.save(out / "screen", anchors, banks)
     top = rep.top
     for k, v in json.loads((out / "screen" / "screen_report.json").read_text())["figures"].items():
@@ -242,15 +246,19 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     report["stages"]["screen"] = {
         "data": "SYNTHETIC (simulate_hematopoiesis)", "panel_genes": len(spanel), "anchors": len(anchors),
         "fitters": ["isomap", "gmds"], "n_hypotheses": len(rep.table), "n_passing": int(rep.table["passes_all"].sum()),
+        "n_passing_published": lg["n_passing_published"], "n_passing_learned": lg["n_passing_learned"],
+        "random_weights_copies": n_copies, "n_failed": rep.info["n_failed"],
         "gates_sha256": rep.gates_sha256, "wall_seconds": rep.info["wall_seconds"],
         "top": {c: (top[c].item() if hasattr(top[c], "item") else top[c]) for c in
                 ("featurisation", "layer", "head", "fitter", "trustworthiness", "ruler_spearman_resid",
                  "holdout_random", "holdout_donor", "holdout_branch", "perm_p", "q", "passes_gates", "null_passes",
-                 "passes_all")},
+                 "margin_over_raw", "margin_over_random", "passes_all")},
         "report_dir": "screen",
     }
     unit = "" if top["layer"] < 0 else f" L{int(top['layer'])}H{int(top['head'])}"
-    con.print(f"{len(rep.table)} hypotheses; {int(rep.table['passes_all'].sum())} pass every gate with the null failing. "
+    con.print(f"{len(rep.table)} hypotheses; {lg['n_passing_published']} pass the published gates (null failing), "
+              f"{lg['n_passing_learned']} beat the raw panel and {n_copies} random-weights copies (learned gate); "
+              f"{int(rep.table['passes_all'].sum())} pass every gate. "
               f"Top: {top['featurisation']}{unit} {top['fitter']} (resid. Spearman {top['ruler_spearman_resid']:.3f}, "
               f"branch holdout {top['holdout_branch']:.3f}, null passes: {bool(top['null_passes'])})")
     report["timings_s"]["screen"] = time.perf_counter() - t

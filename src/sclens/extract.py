@@ -209,7 +209,8 @@ class Operator:
         s = self.source
         what = {"unit": lambda: f"{s['kind']} L{s['layer']}H{s['head']}",
                 "pool": lambda: f"{s['kind']} pool of {len(s['units'])} units",
-                "drift": lambda: f"{s['kind']} drift (early-mid, mid-late)"}.get(s.get("type"), lambda: "custom")()
+                "drift": lambda: f"{s['kind']} drift (early-mid, mid-late)",
+                "identity": lambda: "identity (the gene panel itself; control)"}.get(s.get("type"), lambda: "custom")()
         form = ", dense" if not self.rank else (f", hard-sparse rank {self.rank}" if self.blocks[0].sparse
                                                 else f", rank {self.rank}")
         return what + form + f", G = {len(self.panel)}"
@@ -278,7 +279,8 @@ def select_operator(
     if screen_row is not None:
         base["screen"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in screen_row.items()
                           if k in ("rank", "featurisation", "layer", "head", "fitter", "ruler_spearman_resid",
-                                   "trustworthiness", "perm_p", "q", "passes_all")}
+                                   "trustworthiness", "perm_p", "q", "passes_all", "passes_published",
+                                   "gate_learned", "margin_over_raw", "margin_over_random")}
     if drift:
         if bank.n_layers < 3:
             raise InputError(f"drift needs at least 3 layers; the bank has {bank.n_layers}")

@@ -295,6 +295,49 @@ def blocked_permutation_p(D: np.ndarray, stage_idx: np.ndarray, stage_ruler: np.
 
 
 # ---------------------------------------------------------------------------- one hypothesis
+def random_holdout_mask(n: int, seed: int) -> np.ndarray:
+    """The anchors held out by the random (20 %) holdout of :func:`evaluate` with this seed."""
+    rng = np.random.default_rng(seed)
+    test = np.zeros(n, bool)
+    test[rng.choice(n, size=max(4, int(round(0.2 * n))), replace=False)] = True
+    return test
+
+
+def degenerate_reason(F: np.ndarray, min_distinct: int = 6) -> str | None:
+    """Why a featurisation cannot be fitted (None when it can): non-finite values, no features, constant
+    (e.g. all-zero) features, or fewer distinct anchor rows than the fitters need."""
+    F = np.asarray(F)
+    if F.ndim != 2 or F.shape[1] == 0 or F.shape[0] == 0:
+        return f"no features (shape {tuple(F.shape)})"
+    bad = int((~np.isfinite(F)).sum())
+    if bad:
+        return f"{bad} non-finite feature values (NaN/inf) out of {F.size}"
+    if not np.abs(F).max() > 0:
+        return "all-zero features"
+    scale = float(np.abs(F).max())
+    if float(np.ptp(F, axis=0).max()) <= 1e-10 * scale:
+        return "constant features (every anchor has the same feature vector)"
+    n_distinct = len(np.unique(np.round(F / scale, 10), axis=0))
+    if n_distinct < min_distinct:
+        return f"only {n_distinct} distinct anchor feature rows; the fitters need at least {min_distinct}"
+    return None
+
+
+def learned_statistic(F: np.ndarray, anchors, fitter: str, metric: str, *, ruler: np.ndarray, d: int = 10,
+                      k: int = 15, seed: int = 0, let_epochs: int = 150) -> float:
+    """One metric of :func:`evaluate` (true ruler only), computed exactly as :func:`evaluate` computes it, for the
+    random-weights controls of the ``learned`` gate: ``ruler_spearman_resid`` (one full fit) or ``holdout_random``
+    (one fit on the random holdout's training anchors)."""
+    kw = dict(d=d, k=k, seed=seed, let_epochs=let_epochs)
+    if metric == "ruler_spearman_resid":
+        m = fit_manifold(F, fitter, ruler=ruler, **kw)
+        obs = anchors.obs
+        return residualized_spearman(latent_distances(m, m.Z), ruler, obs["donor"].to_numpy(), obs["tissue"].to_numpy())
+    if metric == "holdout_random":
+        return holdout_spearman(F, {"ruler": ruler}, fitter, [random_holdout_mask(len(F), seed)], **kw)["ruler"]
+    raise InputError(f"the learned gate's metric must be ruler_spearman_resid or holdout_random, got {metric!r}")
+
+
 def evaluate(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, tuple[np.ndarray, np.ndarray]], d: int = 10,
              k: int = 15, n_perm: int = 2000, seed: int = 0, let_epochs: int = 150, holdout_folds: int = 3) -> dict:
     """Every metric of one (features, fitter) hypothesis on a set of anchors, for each ruler.
@@ -306,9 +349,7 @@ def evaluate(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, tuple[np.
     obs = anchors.obs
     donors, tissues, branches = obs["donor"].to_numpy(), obs["tissue"].to_numpy(), obs["branch"].to_numpy()
     sidx = anchors.stage_index
-    rng = np.random.default_rng(seed)
-    rand_test = np.zeros(len(F), bool)
-    rand_test[rng.choice(len(F), size=max(4, int(round(0.2 * len(F)))), replace=False)] = True
+    rand_test = random_holdout_mask(len(F), seed)
     kw = dict(d=d, k=k, seed=seed, let_epochs=let_epochs)
     anchor_rulers = {name: R for name, (R, _) in rulers.items()}
     out: dict[str, dict] = {name: {} for name in rulers}

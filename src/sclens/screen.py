@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,8 @@ from scipy.stats import false_discovery_control
 from . import __version__
 from .anchors import Anchors
 from .errors import InputError
-from .manifold import FITTERS, evaluate, fit_manifold, latent_distances, spearman_pairs, trustworthiness, twonn_dimension
+from .manifold import (FITTERS, degenerate_reason, evaluate, fit_manifold, latent_distances, learned_statistic,
+                       spearman_pairs, trustworthiness, twonn_dimension)
 from .operators import OperatorBank
 from .utils import array_sha256, package_versions, write_json
 
@@ -51,10 +52,12 @@ def gate_checks(m: dict, gates: dict, prefix: str = "") -> dict[str, bool]:
     def ge(v, t):
         return bool(np.isfinite(v) and v >= t)
 
-    out = {f"{prefix}gate_trustworthiness": ge(m["trustworthiness"], gates["trustworthiness_min"])}
+    nan = float("nan")
+    out = {f"{prefix}gate_trustworthiness": ge(m.get("trustworthiness", nan), gates["trustworthiness_min"])}
     for h in gates.get("holdouts", ["random", "donor", "branch"]):
-        out[f"{prefix}gate_holdout_{h}"] = ge(m[f"holdout_{h}"], gates["holdout_spearman_min"])
-    out[f"{prefix}gate_permutation"] = bool(np.isfinite(m["perm_p"]) and m["perm_p"] <= gates["permutation_p_max"])
+        out[f"{prefix}gate_holdout_{h}"] = ge(m.get(f"holdout_{h}", nan), gates["holdout_spearman_min"])
+    p = m.get("perm_p", nan)
+    out[f"{prefix}gate_permutation"] = bool(np.isfinite(p) and p <= gates["permutation_p_max"])
     return out
 
 
@@ -65,6 +68,7 @@ class ScreenReport:
     gates_sha256: str
     config: dict
     info: dict = field(default_factory=dict)
+    controls: pd.DataFrame | None = None  # the random-weights copies' learned-gate statistics, one row per hypothesis
 
     @property
     def top(self) -> pd.Series:
@@ -78,16 +82,24 @@ class ScreenReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.table.to_csv(out / "screen_table.csv", index=False)
+        if self.controls is not None:
+            self.controls.to_csv(out / "screen_controls.csv", index=False)
         figures = {}
         for kind in sorted(set(self.table["featurisation"]) & {"attn", "qk", "ov"}):
             figures[f"heatmap_{kind}"] = plot_unit_heatmap(self.table, kind, out / f"screen_heatmap_{kind}.png").name
-        if anchors is not None and banks is not None:
+        if anchors is not None and banks is not None and len(self.table) and not _failed(self.top):
             figures["top_unit_3d"] = plot_top_3d(self, anchors, banks, out / "screen_top_unit_3d.png").name
         report = {"gates": self.gates, "gates_sha256": self.gates_sha256, "config": self.config, "info": self.info,
                   "figures": figures, "n_hypotheses": len(self.table), "n_passing": int(self.table["passes_all"].sum()),
+                  "n_passing_published": int(self.table["passes_published"].sum()) if "passes_published" in self.table else None,
                   "top": _jsonable(self.table.head(20).to_dict(orient="records"))}
         write_json(out / "screen_report.json", report)
         return out
+
+
+def _failed(row) -> bool:
+    f = row.get("failure", "")
+    return isinstance(f, str) and f != ""
 
 
 def _jsonable(rows):
@@ -108,27 +120,49 @@ def _features(anchors: Anchors, feat: str, bank: OperatorBank | None, layer: int
     return (X @ bank.unit(layer, head)).astype(np.float64)
 
 
+# a fitter call may still break on inputs the degeneracy check lets through; the row records why
+_FIT_ERRORS = (ValueError, ArithmeticError, np.linalg.LinAlgError, RuntimeError, InputError)
+
+
+def _min_distinct(n_anchors: int) -> int:
+    return min(n_anchors, 6)
+
+
+def _cached(cache_file: Path | None, key: str):
+    if cache_file and cache_file.is_file():
+        cached = json.loads(cache_file.read_text())
+        if cached.get("key") == key:
+            return cached["rows"]
+    return None
+
+
 def _run_job(job, anchors, bank, fitters, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs, cache_dir, key):
     import torch
 
     torch.set_num_threads(1)
     feat, layer, head = job
     cache_file = Path(cache_dir) / f"{feat.replace(':', '-')}_{layer}_{head}.json" if cache_dir else None
-    if cache_file and cache_file.is_file():
-        cached = json.loads(cache_file.read_text())
-        if cached.get("key") == key:
-            return cached["rows"]
+    if (rows := _cached(cache_file, key)) is not None:
+        return rows
     F = _features(anchors, feat, bank, layer, head)
+    reason = degenerate_reason(F, _min_distinct(len(F)))
     rows = []
     for fitter in fitters:
         t0 = time.perf_counter()
-        res, _ = evaluate(F, anchors, fitter, rulers={"ruler": (ruler, anchors.dag.ruler_matrix),
-                                                      "null": (null_ruler, null_stage_ruler)},
-                          d=d, k=k, n_perm=gates["n_permutations"], seed=seed, let_epochs=let_epochs)
-        pos, neg = res["ruler"], res["null"]
-        row = {"featurisation": feat, "layer": layer, "head": head, "fitter": fitter, "d": pos.pop("latent_dim")}
-        row.update(pos)
-        row.update({f"null_{k2}": v for k2, v in neg.items() if k2 != "latent_dim"})
+        row = {"featurisation": feat, "layer": layer, "head": head, "fitter": fitter, "d": float("nan"), "failure": ""}
+        if reason:
+            row["failure"] = f"degenerate featurisation: {reason}"
+        else:
+            try:
+                res, _ = evaluate(F, anchors, fitter, rulers={"ruler": (ruler, anchors.dag.ruler_matrix),
+                                                              "null": (null_ruler, null_stage_ruler)},
+                                  d=d, k=k, n_perm=gates["n_permutations"], seed=seed, let_epochs=let_epochs)
+                pos, neg = res["ruler"], res["null"]
+                row["d"] = pos.pop("latent_dim")
+                row.update(pos)
+                row.update({f"null_{k2}": v for k2, v in neg.items() if k2 != "latent_dim"})
+            except _FIT_ERRORS as exc:
+                row["failure"] = f"{fitter} failed: {type(exc).__name__}: {exc}"
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
     if cache_file:
@@ -136,13 +170,122 @@ def _run_job(job, anchors, bank, fitters, ruler, null_ruler, null_stage_ruler, g
     return rows
 
 
+def _run_control_job(job, anchors, bank, fitters, metrics, ruler, d, k, seed, let_epochs, cache_dir, key):
+    """The learned gate's statistic of one unit of one random-weights copy, for every fitter (reduced design:
+    only the statistic the gate compares, with the same fits and seeds as the model's own hypotheses)."""
+    import torch
+
+    torch.set_num_threads(1)
+    feat, layer, head, copy = job
+    cache_file = (Path(cache_dir) / f"control{copy}_{feat.replace(':', '-')}_{layer}_{head}.json" if cache_dir else None)
+    if (rows := _cached(cache_file, key)) is not None:
+        return rows
+    F = _features(anchors, feat, bank, layer, head)
+    reason = degenerate_reason(F, _min_distinct(len(F)))
+    rows = []
+    for fitter in fitters:
+        row = {"copy": copy, "featurisation": feat, "layer": layer, "head": head, "fitter": fitter,
+               "metric": metrics[fitter], "value": float("nan"), "failure": ""}
+        if reason:
+            row["failure"] = f"degenerate featurisation: {reason}"
+        else:
+            try:
+                row["value"] = learned_statistic(F, anchors, fitter, metrics[fitter], ruler=ruler, d=d, k=k, seed=seed,
+                                                 let_epochs=let_epochs)
+            except _FIT_ERRORS as exc:
+                row["failure"] = f"{fitter} failed: {type(exc).__name__}: {exc}"
+        rows.append(row)
+    if cache_file:
+        cache_file.write_text(json.dumps({"key": key, "rows": rows}, default=float))
+    return rows
+
+
+def _feature_jobs(banks: dict, units, include_drift: bool) -> tuple[list[tuple[str, int, int]], list[str]]:
+    jobs, skipped = [], []
+    for kind, bank in banks.items():
+        for (l, h) in (units if units is not None else bank.units):
+            jobs.append((kind, l, h))
+        if include_drift and bank.n_layers >= 3:
+            jobs.append((f"drift:{kind}", -1, -1))
+        elif include_drift:
+            skipped.append(f"drift:{kind} (needs >= 3 layers, model has {bank.n_layers})")
+    return jobs, skipped
+
+
+def learned_settings(gates: dict, fitters: Sequence[str]) -> dict:
+    """The ``learned`` block of the gate file, checked (metric per fitter, raw rule, random quantile)."""
+    cfg = gates.get("learned")
+    if not isinstance(cfg, dict):
+        raise InputError("the gate file has no 'learned' block (metric per fitter, must_beat_raw, random_quantile)")
+    metrics = cfg.get("metric", {})
+    missing = [f for f in fitters if f not in metrics]
+    if missing:
+        raise InputError(f"the gate file's learned.metric names no statistic for fitter(s) {missing}")
+    q = float(cfg.get("random_quantile", 0.95))
+    if not 0 < q < 1:
+        raise InputError(f"learned.random_quantile must lie in (0, 1), got {q}")
+    return {"metric": {f: metrics[f] for f in fitters}, "must_beat_raw": bool(cfg.get("must_beat_raw", True)),
+            "random_quantile": q, "min_random_copies": int(cfg.get("min_random_copies", 1))}
+
+
+def apply_learned_gate(table: pd.DataFrame, controls: pd.DataFrame | None, settings: dict, n_copies: int) -> pd.DataFrame:
+    """Add the learned-gate columns: the compared statistic, the raw panel's value and the random copies'
+    quantile for the row's kind and fitter, both margins and ``gate_learned`` (NA when not evaluated)."""
+    t = table.copy()
+    t["learned_metric"] = t["fitter"].map(settings["metric"])
+    t["learned_value"] = [float(r.get(m, np.nan)) if isinstance(m, str) else np.nan
+                          for r, m in zip(t.to_dict("records"), t["learned_metric"])]
+    is_raw = t["featurisation"] == "raw"
+    raw_val = t[is_raw].set_index("fitter")["learned_value"]
+    t["raw_value"] = t["fitter"].map(raw_val).astype(float)
+    t["margin_over_raw"] = t["learned_value"] - t["raw_value"]
+    if controls is not None and len(controls) and n_copies >= settings["min_random_copies"]:
+        # a unit is compared with every unit of the same kind in the copies; a drift with the copies' drifts
+        c = controls[np.isfinite(controls["value"].astype(float))]
+        qs = c.groupby(["featurisation", "fitter"])["value"].quantile(settings["random_quantile"])
+        t["random_quantile_value"] = [float(qs.get((ft, f), np.nan)) for ft, f in zip(t["featurisation"], t["fitter"])]
+        t["margin_over_random"] = t["learned_value"] - t["random_quantile_value"]
+        beats_raw = (t["margin_over_raw"] > 0) if settings["must_beat_raw"] else True
+        t["gate_learned"] = (~is_raw & beats_raw & (t["margin_over_random"] > 0)).astype(bool)
+    else:
+        t["random_quantile_value"] = np.nan
+        t["margin_over_random"] = np.nan
+        t["gate_learned"] = pd.array([pd.NA] * len(t), dtype="boolean")
+    return t
+
+
 def screen(
     banks: OperatorBank | dict[str, OperatorBank] | None, anchors: Anchors, *, fitters: Iterable[str] = FITTERS,
     units: Iterable[tuple[int, int]] | None = None, include_drift: bool = True, include_raw: bool = True, d: int = 10,
     k: int = 15, gates_path: str | Path | None = None, seed: int = 0, null_seed: int = 0, n_jobs: int = 1,
     cache_dir: str | Path | None = None, let_epochs: int = 150, progress: bool = True,
+    controls: Sequence[OperatorBank | dict[str, OperatorBank]] | None = None,
 ) -> ScreenReport:
-    """Run the hypothesis search and return the ranked, gated table (see the module docstring)."""
+    """Run the hypothesis search and return the ranked, gated table (see the module docstring).
+
+    Parameters
+    ----------
+    banks
+        The model's operator banks, ``{kind: OperatorBank}`` (or one bank).
+    anchors
+        Anchors built on the same gene panel (:func:`sclens.anchors.build_anchors`).
+    fitters, units, include_drift, include_raw
+        The hypothesis space: fitters, units (default: all), the drift of each kind, the raw panel.
+    controls
+        Operator banks of K random-weights copies of the model (:func:`sclens.operators.export_random_controls`),
+        one ``{kind: OperatorBank}`` per copy. They feed the ``learned`` gate; without them (or with fewer
+        copies than the gate file's ``min_random_copies``) ``gate_learned`` is NA and ``passes_all`` rests
+        on the published gates alone, which the report states.
+    gates_path, seed, null_seed, d, k, let_epochs
+        Gate file (default: the shipped pre-registered gates) and the fitters' settings.
+    n_jobs, cache_dir, progress
+        joblib workers over featurisations; a folder that makes an interrupted screen resume; a progress bar.
+
+    Returns
+    -------
+    :class:`ScreenReport` with one row per hypothesis; a featurisation that cannot be fitted (constant, all-zero,
+    NaN / inf, too few distinct anchors) or a fitter that fails gets its reason in ``failure`` and fails every gate.
+    """
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm
 
@@ -153,71 +296,100 @@ def screen(
     if isinstance(banks, OperatorBank):
         banks = {banks.kind: banks}
     banks = banks or {}
-    for b in banks.values():
+    controls = [({c.kind: c} if isinstance(c, OperatorBank) else dict(c)) for c in (controls or [])]
+    for b in list(banks.values()) + [b for c in controls for b in c.values()]:
         if tuple(b.panel.genes) != tuple(anchors.panel.genes):
             raise InputError("the operator bank and the anchors were built on different gene panels")
+    for i, c in enumerate(controls):
+        if set(c) != set(banks):
+            raise InputError(f"random-weights control #{i} has operator kinds {sorted(c)}, the model {sorted(banks)}")
     if len(anchors) < 10:
         raise InputError(f"a screen needs at least 10 anchors, got {len(anchors)}")
     if anchors.obs["stage"].nunique() < 3:
         raise InputError("a screen needs anchors from at least 3 stages (the ruler would be nearly constant)")
     gates, gates_sha = load_gates(gates_path)
+    learned = learned_settings(gates, fitters)
+    if controls and not include_raw:
+        include_raw = True  # the learned gate compares every hypothesis with the raw panel
     ruler = anchors.ruler
     null_stage_ruler, perm = anchors.dag.null_ruler_matrix(null_seed)
     s = anchors.stage_index
     null_ruler = null_stage_ruler[np.ix_(s, s)]
-    jobs, skipped = [], []
-    for kind, bank in banks.items():
-        for (l, h) in (units if units is not None else bank.units):
-            jobs.append((kind, l, h))
-        if include_drift and bank.n_layers >= 3:
-            jobs.append((f"drift:{kind}", -1, -1))
-        elif include_drift:
-            skipped.append(f"drift:{kind} (needs >= 3 layers, model has {bank.n_layers})")
+    jobs, skipped = _feature_jobs(banks, units, include_drift)
     if include_raw:
         jobs.append(("raw", -1, -1))
+    control_jobs = [(feat, l, h, ci) for ci, c in enumerate(controls) for (feat, l, h) in _feature_jobs(c, units, include_drift)[0]]
     config = {"fitters": fitters, "d": d, "k": k, "seed": seed, "null_seed": null_seed, "let_epochs": let_epochs,
               "n_jobs": n_jobs, "anchors_sha256": array_sha256(anchors.X, anchors.obs["stage"].to_numpy()),
               "banks": {kind: {"shape": list(b.operators.shape), "model_sha256": b.manifest.get("model_sha256"),
-                               "reference_set_sha256": b.manifest.get("reference_set_sha256")} for kind, b in banks.items()}}
+                               "reference_set_sha256": b.manifest.get("reference_set_sha256")} for kind, b in banks.items()},
+              "random_controls": [{"model_sha256": next(iter(c.values())).manifest.get("model_sha256"),
+                                   "random_control": next(iter(c.values())).manifest.get("random_control")}
+                                  for c in controls]}
     key = hashlib.sha256(json.dumps([config, gates_sha], sort_keys=True, default=str).encode()).hexdigest()
     if cache_dir:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    def bank_for(feat):
-        return None if feat == "raw" else banks[feat.split(":")[-1]]
+    def bank_for(feat, copy=-1):
+        if feat == "raw":
+            return None
+        return (banks if copy < 0 else controls[copy])[feat.split(":")[-1]]
 
-    args = (fitters, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs, str(cache_dir) if cache_dir else None, key)
-    bar = dict(total=len(jobs), desc="screening", unit="unit", disable=not progress)
+    cdir = str(cache_dir) if cache_dir else None
+    args = (fitters, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs, cdir, key)
+    cargs = (fitters, learned["metric"], ruler, d, k, seed, let_epochs, cdir, key)
+    calls = ([delayed(_run_job)(j, anchors, bank_for(j[0]), *args) for j in jobs]
+             + [delayed(_run_control_job)(j, anchors, bank_for(j[0], j[3]), *cargs) for j in control_jobs])
+    bar = dict(total=len(calls), desc="screening" + (f" (+ {len(controls)} random-weights copies)" if controls else ""),
+               unit="featurisation", disable=not progress)
     if n_jobs == 1:
-        results = [_run_job(j, anchors, bank_for(j[0]), *args) for j in tqdm(jobs, **bar)]
+        results = [fn(*a, **kw) for fn, a, kw in tqdm(calls, **bar)]
     else:
-        gen = Parallel(n_jobs=n_jobs, return_as="generator")(
-            delayed(_run_job)(j, anchors, bank_for(j[0]), *args) for j in jobs)
-        results = list(tqdm(gen, **bar))
-    table = pd.DataFrame([r for rows in results for r in rows])
+        results = list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(calls), **bar))
+    table = pd.DataFrame([r for rows in results[: len(jobs)] for r in rows])
+    control_table = (pd.DataFrame([r for rows in results[len(jobs):] for r in rows]) if controls else None)
+    for col in ("ruler_spearman_resid", "perm_p", "trustworthiness"):
+        if col not in table:
+            table[col] = np.nan
     for prefix in ("", "null_"):
         checks = table.apply(lambda r: gate_checks({k2[len(prefix):]: r[k2] for k2 in r.index if k2.startswith(prefix)},
                                                    gates, prefix), axis=1, result_type="expand")
         table = pd.concat([table, checks], axis=1)
-    pvals = table["perm_p"].fillna(1.0).clip(0, 1).to_numpy()
+    pvals = table["perm_p"].astype(float).fillna(1.0).clip(0, 1).to_numpy()
     table["q"] = false_discovery_control(pvals, method="bh")
     gate_cols = [c for c in table.columns if c.startswith("gate_")]
     null_cols = [c for c in table.columns if c.startswith("null_gate_")]
     table["gate_bh"] = table["q"] <= gates.get("bh_alpha", 0.05)
     table["passes_gates"] = table[gate_cols + ["gate_bh"]].all(axis=1)
     table["null_passes"] = table[null_cols].all(axis=1)
-    table["passes_all"] = table["passes_gates"] & (~table["null_passes"] if gates["null_must_fail"] else True)
+    table["passes_published"] = table["passes_gates"] & (~table["null_passes"] if gates["null_must_fail"] else True)
+    table = apply_learned_gate(table, control_table, learned, len(controls))
+    evaluated = bool(table["gate_learned"].notna().all()) and len(table) > 0
+    table["passes_all"] = table["passes_published"] & (table["gate_learned"].fillna(False).astype(bool) if evaluated
+                                                       else True)
     # hypotheses that pass every gate (null failing) come first; within each group, the residualised ruler
     # correlation orders them (LET's is in-sample, so it must never outrank a gated result on its own)
     table = table.sort_values(["passes_all", "ruler_spearman_resid"], ascending=[False, False], na_position="last",
                               kind="stable").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
+    failures = table[table["failure"].astype(str) != ""]
     info = {"n_anchors": len(anchors), "anchor_info": anchors.info, "n_jobs_run": len(jobs), "skipped": skipped,
             "null_permutation": perm, "wall_seconds": time.perf_counter() - t0, "versions": package_versions(),
-            "sclens_version": __version__, "synthetic": anchors.info.get("synthetic", False)}
-    report = ScreenReport(table, gates, gates_sha, config, info)
-    if len(table):
+            "sclens_version": __version__, "synthetic": anchors.info.get("synthetic", False),
+            "n_failed": int(len(failures)),
+            "failures": _jsonable(failures[["featurisation", "layer", "head", "fitter", "failure"]].head(50)
+                                  .to_dict(orient="records")),
+            "learned_gate": {**learned, "evaluated": evaluated, "n_random_copies": len(controls),
+                             "n_control_rows": 0 if control_table is None else int(len(control_table)),
+                             "n_control_failed": 0 if control_table is None else int((control_table["failure"] != "").sum()),
+                             "n_passing_learned": int(table["gate_learned"].fillna(False).astype(bool).sum()),
+                             "n_passing_published": int(table["passes_published"].sum()),
+                             "note": ("" if evaluated else "not evaluated: no random-weights copies were run "
+                                      "(--random-control 0); passes_all rests on the published gates alone")}}
+    report = ScreenReport(table, gates, gates_sha, config, info, controls=control_table)
+    usable = table[table["failure"].astype(str) == ""]
+    if len(usable) and usable.index[0] == 0:
         report.info["top_intrinsic_dimension"] = intrinsic_dimension(report, anchors, banks)
     return report
 
@@ -245,6 +417,8 @@ def intrinsic_dimension(report: ScreenReport, anchors: Anchors, banks: dict, dim
 
 
 def plot_unit_heatmap(table: pd.DataFrame, kind: str, path: Path) -> Path:
+    """Layers x heads: the best residualised ruler Spearman of each unit (* = passes every gate) and, when the
+    learned gate was evaluated, the best margin over the random-weights copies' quantile (raw margin in the title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,21 +426,33 @@ def plot_unit_heatmap(table: pd.DataFrame, kind: str, path: Path) -> Path:
 
     t = table[table["featurisation"] == kind]
     L, H = int(t["layer"].max()) + 1, int(t["head"].max()) + 1
-    M = np.full((L, H), np.nan)
+    M, R = np.full((L, H), np.nan), np.full((L, H), np.nan)
     P = np.zeros((L, H), bool)
+    has_margin = "margin_over_random" in t and t["margin_over_random"].notna().any()
     for (l, h), g in t.groupby(["layer", "head"]):
         M[l, h] = g["ruler_spearman_resid"].max()
         P[l, h] = g["passes_all"].any()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * H, 1.0 + 0.4 * L))
-    im = ax.imshow(M, cmap="magma", aspect="auto")
-    for l, h in zip(*np.nonzero(P)):
-        ax.text(h, l, "*", ha="center", va="center", color="cyan", fontsize=14)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(H))
-    ax.set_yticks(range(L))
-    ax.set_title(f"{kind}: best residualised ruler Spearman (* = passes gates, null fails)", fontsize=8)
-    fig.colorbar(im, ax=ax)
+        if has_margin:
+            R[l, h] = g["margin_over_random"].max()
+    panels = [(M, "magma", "best residualised ruler Spearman")]
+    if has_margin:
+        panels.append((R, "RdBu_r", "best margin over random-weights q95"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (1.6 + 0.5 * H), 1.2 + 0.4 * L), squeeze=False)
+    for ax, (V, cmap, title) in zip(axes[0], panels):
+        kw = {}
+        if cmap == "RdBu_r" and np.isfinite(V).any():
+            lim = float(np.nanmax(np.abs(V))) or 1.0
+            kw = dict(vmin=-lim, vmax=lim)
+        im = ax.imshow(V, cmap=cmap, aspect="auto", **kw)
+        for l, h in zip(*np.nonzero(P)):
+            ax.text(h, l, "*", ha="center", va="center", color="cyan", fontsize=14)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(H))
+        ax.set_yticks(range(L))
+        ax.set_title(f"{kind}: {title}", fontsize=7)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle("* = passes every gate" + (" incl. learned" if has_margin else "") + ", null fails", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -47,6 +47,22 @@ class ArtifactView:
     cells: pd.DataFrame  # a1, a2, a3, lens, label
     lens: dict | None  # {"axis": k (1-based), "auroc": ..., "contrast": "..."}
     explained: list[float] = field(default_factory=list)  # share of anchor latent variance per shown axis
+    evidence: str = ""  # the operator's screen evidence (gates, margins over raw and random-weights copies), if any
+
+
+def screen_evidence(source: dict) -> str:
+    """One line on what the screen said of an artifact's operator: gates passed and the learned-gate margins."""
+    sc = (source or {}).get("screen")
+    if not sc:
+        return ""
+    def num(k):
+        v = sc.get(k)
+        return f"{v:+.3f}" if isinstance(v, (int, float)) and np.isfinite(v) else "n/a"
+    learned = sc.get("gate_learned")
+    learned = "not evaluated" if learned is None or (isinstance(learned, float) and not np.isfinite(learned)) else (
+        "passes" if bool(learned) else "fails")
+    return (f"screen: {sc.get('featurisation')} {sc.get('fitter')}, gates {'pass' if sc.get('passes_all') else 'fail'}; "
+            f"learned {learned} (margin over raw {num('margin_over_raw')}, over random weights {num('margin_over_random')})")
 
 
 def _contrast_mask(labels: np.ndarray, stages: np.ndarray, group: list[str]) -> np.ndarray:
@@ -104,7 +120,8 @@ def _view_one(name: str, model, adata: ad.AnnData, *, label_key: str, donor_key:
                          "a1": pad(Ra, 0), "a2": pad(Ra, 1), "a3": pad(Ra, 2), "lens": lens_a})
     a_df["progenitor"] = a_df["branch"] == PROGENITOR_BRANCH
     c_df = pd.DataFrame({"a1": pad(Rc, 0), "a2": pad(Rc, 1), "a3": pad(Rc, 2), "lens": lens_c, "label": labels[idx]})
-    return ArtifactView(name, a_df, c_df, lens, [float(v) for v in pca.explained_variance_ratio_[:3]])
+    return ArtifactView(name, a_df, c_df, lens, [float(v) for v in pca.explained_variance_ratio_[:3]],
+                        screen_evidence(model.operator.source))
 
 
 @dataclass
@@ -140,6 +157,7 @@ class ManifoldView:
                     sub = a[a[colour] == cat]
                     text = [f"<b>{html.escape(r.stage)}</b><br>branch {html.escape(r.branch)}<br>donor {html.escape(r.donor)}"
                             f"<br>tissue {html.escape(r.tissue)}<br>label {html.escape(r.label)}<br>{r.n_cells:,} cells"
+                            + (f"<br><i>{html.escape(v.evidence)}</i>" if v.evidence else "")
                             for r in sub.itertuples()]
                     fig.add_trace(go.Scatter3d(
                         x=sub["a1"].round(5), y=sub["a2"].round(5), z=sub["a3"].round(5), mode="markers", name=cat,
@@ -169,14 +187,14 @@ class ManifoldView:
     def to_dict(self) -> dict:
         return {"info": self.info, "views": [{"name": v.name, "anchors": v.anchors.to_dict("list"),
                                               "cells": v.cells.to_dict("list"), "lens": v.lens,
-                                              "explained": v.explained} for v in self.views]}
+                                              "explained": v.explained, "evidence": v.evidence} for v in self.views]}
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ManifoldView":
         """Reload a view saved by :meth:`save` (its ``.json`` twin), e.g. to embed it in a report."""
         d = json.loads(Path(path).read_text())
-        views = [ArtifactView(v["name"], pd.DataFrame(v["anchors"]), pd.DataFrame(v["cells"]), v["lens"], v["explained"])
-                 for v in d["views"]]
+        views = [ArtifactView(v["name"], pd.DataFrame(v["anchors"]), pd.DataFrame(v["cells"]), v["lens"], v["explained"],
+                              v.get("evidence", "")) for v in d["views"]]
         return cls(views, d["info"])
 
     def fragment(self) -> str:
