@@ -209,8 +209,9 @@ def test_cli_bench_unfamiliar_columns_ensembl_ids_and_own_endpoint_file(tmp_path
         '[[endpoint]]\nname = "types"\nkind = "multiclass"\ncolumn = "annot"\n'
         '[[endpoint]]\nname = "maturity"\nkind = "depth"\ncolumn = "maturity"\n')
     r = CliRunner().invoke(app, ["bench", str(tmp_path / "mine.h5ad"), "--endpoints", str(tmp_path / "endpoints.toml"),
-                                 "-o", str(tmp_path / "rep"), "--methods", "sclens_extracted,raw_log1p,pca10,dpt",
-                                 "--name", "mine"])
+                                 "-o", str(tmp_path / "rep"), "--methods",
+                                 "sclens_extracted,extracted_identity,extracted_random,raw_log1p,pca10,dpt",
+                                 "--random-control", "1", "--name", "mine"])
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "rep" / "bench_mine.json").read_text())
     assert rep["info"]["panel_size"] == len(keep) < 1200 and "panel" in r.output
@@ -221,6 +222,8 @@ def test_cli_bench_unfamiliar_columns_ensembl_ids_and_own_endpoint_file(tmp_path
     assert keep[0] in floor["floor_rule"] and floor["floor"] > 0.8  # the planted marker gene separates the classes
     assert (tmp_path / "rep" / "bench_mine.html").stat().st_size > 1000
     assert rep["params"]["sclens_extracted"]["method"] > 0
+    assert rep["params"]["extracted_random"]["random_copies"] == 1
+    assert {a["question"] for a in rep["ablations"]} == {"model contribution", "adaptor cost"}
     # a missing label column is a clear error, not a traceback
     r = CliRunner().invoke(app, ["bench", str(tmp_path / "mine.h5ad"), "-o", str(tmp_path / "x"), "--donor-key",
                                  "individual", "--multiclass", "cell_type"])
@@ -249,3 +252,50 @@ def test_peer_methods_run_through_their_libraries(monkeypatch):
     cfg.methods = ["scvi10", "raw_log1p"]
     res = run_campaign(a, cfg, progress=False)
     assert "sclens[bench]" in res.skipped["scvi10"] and "scvi10" not in set(res.scores.method)
+
+
+def test_control_rows_identity_and_random_operators_with_ablation_tests(tmp_path):
+    """extracted_identity runs the extracted method on the panel itself, extracted_random on operators of
+    random-weights copies (split i -> copy i mod K); the report tests the two ablation questions."""
+    from sclens.models import load_default_model
+
+    a = _toy(n_donors=5, per=36)
+    eps = [Endpoint("cd8", "binary", "annot", positive=["CD8 T cells"], negative=["CD4 T cells"]),
+           Endpoint("types", "multiclass", "annot")]
+    cfg = BenchConfig(endpoints=eps, donor_key="individual", label_key="annot", n_splits=4, seed=0, adaptor_epochs=3,
+                      n_ref_cells=8, random_control=2,
+                      stage_map={"CD4 T cells": "Naive CD4 T", "CD8 T cells": "Naive CD8 T", "B cells": "Naive B"},
+                      methods=["sclens_extracted", "extracted_identity", "extracted_random", "pca10"])
+    model = load_default_model()
+    ci = bench.campaign_inputs(a, cfg, model)
+    cells = ci.cells(np.arange(a.n_obs))
+    ident = bench.ExtractedIdentityMethod(cfg, model)
+    ident.prepare(cells)
+    assert np.array_equal(ident.operator.features(cells.x), cells.x)  # the identity operator is the panel itself
+    rnd = bench.ExtractedRandomMethod(cfg, model)
+    rnd.prepare(cells)
+    own = bench.ExtractedMethod(cfg, model)
+    own.prepare(cells)
+    assert len(rnd.operators) == 2
+    f_own, f0, f1 = (op.features(cells.x[:20]) for op in (own.operator, *rnd.operators))
+    assert not np.allclose(f_own, f0) and not np.allclose(f0, f1)
+    assert rnd.operators[0].source["model_sha256"] != own.operator.source["model_sha256"]
+
+    res = run_campaign(a, cfg, model=model, progress=False)
+    assert not res.skipped and set(res.scores.method) == set(cfg.methods)
+    ab = res.ablations
+    assert set(ab["question"]) == {"model contribution", "adaptor cost"}
+    assert len(ab) == 2 * 4  # 2 questions x (cd8: AUROC, bal. acc; types: bal. acc, macro-F1)
+    row = ab[(ab.question == "adaptor cost") & (ab.endpoint == "cd8") & (ab.metric == "auroc")].iloc[0]
+    wide = res.scores.query("endpoint == 'cd8' and metric == 'auroc'").pivot(index="split", columns="method", values="value")
+    assert row["mean_diff"] == pytest.approx(float((wide["extracted_identity"] - wide["pca10"]).mean()))
+    assert ab["q"].notna().all() and (ab["q"] >= ab["p"] - 1e-12).all()
+    out = res.save(tmp_path)
+    md = out["md"].read_text()
+    assert "**Controls**" in md and "model contribution" in md and "adaptor cost" in md
+    again = bench.BenchResult.from_json(out["json"])
+    assert len(again.ablations) == len(ab)
+    # K = 0 skips the random control with its reason
+    cfg.random_control, cfg.methods = 0, ["extracted_random", "pca10"]
+    res = run_campaign(a, cfg, model=model, progress=False)
+    assert "random_control = 0" in res.skipped["extracted_random"]

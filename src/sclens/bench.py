@@ -170,6 +170,7 @@ class BenchConfig:
     n_ref_cells: int = 128
     scvi_epochs: int = 100
     adaptor_epochs: int | None = None
+    random_control: int = 3  # random-weights copies behind extracted_random (split i uses copy i mod K); 0 skips it
     title: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -531,23 +532,26 @@ class ExtractedMethod(Method):
     def prepare(self, data):
         """Export the frozen operators ONCE from a seeded, label-free sample of cells (like the MLP probe's
         embeddings, this uses no labels and no split; it is the one-time cost of opening the model)."""
+        t0 = time.perf_counter()
+        self.operator = self._operator_of(self.model, data)
+        self.export_seconds = time.perf_counter() - t0
+
+    def _operator_of(self, model, data):
+        """The configured operator (``drift`` or ``L<l>H<h>`` of the ov kind) of ``model``."""
         from .extract import select_operator
         from .operators import export_operators
 
         a = ad.AnnData(data.adata.X, var=pd.DataFrame(index=data.adata.var_names))
-        t0 = time.perf_counter()
-        banks = export_operators(self.model, a, data.panel, kinds=["ov"], n_ref_cells=min(self.config.n_ref_cells, data.n),
+        banks = export_operators(model, a, data.panel, kinds=["ov"], n_ref_cells=min(self.config.n_ref_cells, data.n),
                                  seed=self.config.seed, progress=False)
         spec = self.config.operator
         if spec == "drift":
-            self.operator = select_operator(banks, drift=True)
-        else:
-            try:
-                layer, head = (int(v) for v in spec.upper().replace("L", "").replace("H", ",").split(","))
-            except ValueError:
-                raise InputError(f"operator must be 'drift' or 'L<layer>H<head>' (e.g. L0H3), got {spec!r}") from None
-            self.operator = select_operator(banks, unit=(layer, head))
-        self.export_seconds = time.perf_counter() - t0
+            return select_operator(banks, drift=True)
+        try:
+            layer, head = (int(v) for v in spec.upper().replace("L", "").replace("H", ",").split(","))
+        except ValueError:
+            raise InputError(f"operator must be 'drift' or 'L<layer>H<head>' (e.g. L0H3), got {spec!r}") from None
+        return select_operator(banks, unit=(layer, head))
 
     def fit(self, train, endpoints, targets):
         op = self.operator
@@ -576,6 +580,51 @@ def fit_extracted(train: "Cells", operator, config: BenchConfig, **extract_kw):
     return extract(a, operator, label_key="_sclens_stage_label", donor_key="_donor" if "_donor" in obs else None,
                    holdout_fraction=0.0, seed=config.seed, epochs=config.adaptor_epochs, progress=False, n_perm=0,
                    **extract_kw)
+
+
+class ExtractedIdentityMethod(ExtractedMethod):
+    """Control: the extracted method with its operator replaced by the identity (the gene panel itself).
+
+    Against ``sclens_extracted`` it shows what the model's operator adds; against ``pca10`` (another 10-d linear
+    map of the same panel, read by the same readouts) what the adaptor's objective and training cost."""
+
+    name = "extracted_identity"
+    description = "control: the extracted method's adaptor + shared readouts on the identity operator (the panel itself)"
+
+    def prepare(self, data):
+        from .extract import Operator, OperatorBlock
+
+        G = len(data.panel)
+        self.operator = Operator([OperatorBlock(dense=np.eye(G, dtype=np.float32))], data.panel, {"type": "identity"})
+        self.export_seconds = 0.0
+
+
+class ExtractedRandomMethod(ExtractedMethod):
+    """Control: the extracted method with its operator exported, the same way, from random-weights copies of the
+    model (:func:`sclens.models.controls.randomize`, seeds 0..K-1, embeddings kept). Split i uses copy i mod K, so
+    the copies' spread enters the split-to-split variance that the paired tests see."""
+
+    name = "extracted_random"
+    description = ("control: the extracted method on the operator of random-weights copies of the model "
+                   "(transformer blocks re-drawn, embeddings kept; split i uses copy i mod K)")
+
+    def prepare(self, data):
+        from .models.controls import randomize
+
+        K = int(self.config.random_control)
+        if K < 1:
+            raise MethodSkipped("random_control = 0: no random-weights copies requested")
+        t0 = time.perf_counter()
+        self.operators = [self._operator_of(randomize(self.model, seed), data) for seed in range(K)]
+        self.export_seconds = time.perf_counter() - t0
+        self._n_fits = 0
+
+    def fit(self, train, endpoints, targets):
+        # the harness fits a method once per split, in split order
+        self.operator = self.operators[self._n_fits % len(self.operators)]
+        self._n_fits += 1
+        super().fit(train, endpoints, targets)
+        self.info["random_copies"] = len(self.operators)
 
 
 class DPTMethod(Method):
@@ -783,8 +832,12 @@ class MLPProbeMethod(Method):
         return {"predictions": out}
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ExtractedMethod, RawMethod, PCAMethod, DPTMethod, PalantirMethod,
-                                                        SCVIMethod, CellTypistMethod, MLPProbeMethod)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ExtractedMethod, ExtractedIdentityMethod, ExtractedRandomMethod,
+                                                        RawMethod, PCAMethod, DPTMethod, PalantirMethod, SCVIMethod,
+                                                        CellTypistMethod, MLPProbeMethod)}
+# the two ablations every campaign reports next to the extracted method: (question, method, baseline)
+ABLATIONS = (("model contribution", "sclens_extracted", "extracted_random"),
+             ("adaptor cost", "extracted_identity", "pca10"))
 REFERENCE = "sclens_extracted"
 
 
@@ -936,11 +989,13 @@ class BenchResult:
     params: dict
     skipped: dict
     info: dict
+    ablations: pd.DataFrame = field(default_factory=pd.DataFrame)  # the controls' paired tests (see ABLATIONS)
 
     def to_dict(self) -> dict:
         rec = lambda df: json_records(df)  # noqa: E731
         return {"name": self.name, "info": self.info, "summary": rec(self.summary), "comparisons": rec(self.comparisons),
-                "runtime": rec(self.runtime), "params": self.params, "skipped": self.skipped, "scores": rec(self.scores)}
+                "ablations": rec(self.ablations), "runtime": rec(self.runtime), "params": self.params,
+                "skipped": self.skipped, "scores": rec(self.scores)}
 
     @classmethod
     def from_json(cls, path: str | Path) -> "BenchResult":
@@ -950,7 +1005,7 @@ class BenchResult:
         d = json.loads(Path(path).read_text())
         df = lambda k: pd.DataFrame(d[k]).astype({"value": float} if k == "scores" else {})  # noqa: E731
         return cls(d["name"], df("scores"), df("summary").fillna(np.nan), df("comparisons"), df("runtime"),
-                   d["params"], d["skipped"], d["info"])
+                   d["params"], d["skipped"], d["info"], pd.DataFrame(d.get("ablations", [])))
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         from .bench_report import write_report
@@ -1157,7 +1212,7 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
             "source_equals_donor": config.scheme in ("cells", "source"),
             "test_sources": list(config.test_sources) if config.scheme == "source" else None}
     info["runtime_ratio"] = _runtime_ratio(runtime_df)
-    return BenchResult(name, scores, summary, comparisons, runtime_df, params, skipped, info)
+    return BenchResult(name, scores, summary, comparisons, runtime_df, params, skipped, info, ablations(scores))
 
 
 def _summarise(scores: pd.DataFrame, endpoints, floors, ceilings) -> pd.DataFrame:
@@ -1211,6 +1266,33 @@ def _compare(scores: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
         df["verdict"] = [("win" if d > 0 else "loss") if (np.isfinite(q) and q <= 0.05) else "tie"
                          for d, q in zip(df["mean_diff"], df["q"])]
     return df
+
+
+def ablations(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per endpoint-metric, the two control questions of :data:`ABLATIONS`: what the model contributes
+    (``sclens_extracted`` - ``extracted_random``) and what the adaptor costs (``extracted_identity`` - ``pca10``),
+    as paired two-sided Wilcoxon tests across splits with BH over every row of this table."""
+    cols = ["question", "endpoint", "metric", "method", "baseline", "n", "mean_method", "mean_baseline", "mean_diff",
+            "wins", "ties", "losses", "statistic", "p", "q", "verdict"]
+    rows = []
+    metrics = sum(METRICS.values(), ())
+    for (ep, metric), sub in scores.groupby(["endpoint", "metric"], sort=False):
+        if metric not in metrics:
+            continue
+        wide = sub.pivot_table(index="split", columns="method", values="value", dropna=False)
+        for question, a, b in ABLATIONS:
+            if a not in wide or b not in wide:
+                continue
+            r = paired_wilcoxon(wide[a].to_numpy(), wide[b].to_numpy())
+            rows.append({"question": question, "endpoint": ep, "metric": metric, "method": a, "baseline": b,
+                         "mean_method": float(np.nanmean(wide[a])), "mean_baseline": float(np.nanmean(wide[b])), **r})
+    df = pd.DataFrame(rows)
+    if not len(df):
+        return pd.DataFrame(columns=cols)
+    df["q"] = bh_qvalues(df["p"].to_numpy())
+    df["verdict"] = [("method higher" if d > 0 else "baseline higher") if (np.isfinite(q) and q <= 0.05) else "no difference"
+                     for d, q in zip(df["mean_diff"], df["q"])]
+    return df[cols]
 
 
 def _runtime_ratio(runtime: pd.DataFrame) -> dict:

@@ -46,6 +46,19 @@ def summary_markdown(result) -> str:
             lines.append(f"| {r['endpoint']} | {r['metric']} | {r['method']} | {_fmt(r['mean_diff'])} | "
                          f"{r['wins']}/{r['ties']}/{r['losses']} | {_fmt(r['p'], 4)} | {_fmt(r['q'], 4)} | {r['verdict']} |")
         lines.append("")
+    a = getattr(result, "ablations", None)
+    if a is not None and len(a):
+        lines += ["**Controls** — what the model contributes (sclens_extracted − extracted_random: same adaptor and "
+                  "readouts on a random-weights copy's operator) and what the adaptor costs (extracted_identity − pca10: "
+                  "two 10-d linear maps of the same panel, same readouts); paired two-sided Wilcoxon across splits, BH "
+                  "over this table", "",
+                  "| question | endpoint | metric | method | baseline | method mean | baseline mean | diff | W/T/L | q | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for _, r in a.iterrows():
+            lines.append(f"| {r['question']} | {r['endpoint']} | {r['metric']} | {r['method']} | {r['baseline']} | "
+                         f"{_fmt(r['mean_method'])} | {_fmt(r['mean_baseline'])} | {_fmt(r['mean_diff'])} | "
+                         f"{r['wins']}/{r['ties']}/{r['losses']} | {_fmt(r['q'], 4)} | {r['verdict']} |")
+        lines.append("")
     return "\n".join(lines)
 
 
