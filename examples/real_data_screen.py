@@ -55,11 +55,12 @@ def main() -> None:
     ap.add_argument("--datasets", default="paul15,ginhoux,pbmc68k,kang2018")
     ap.add_argument("--fitters", default="isomap,gmds,let")
     ap.add_argument("--n-jobs", type=int, default=2)
+    ap.add_argument("--random-control", type=int, default=3, help="random-weights copies for the learned gate")
     args = ap.parse_args()
     from sclens.anchors import build_anchors
     from sclens.data import harmonize_gene_ids, select_panel
     from sclens.models import load_default_model
-    from sclens.operators import export_operators
+    from sclens.operators import export_operators, export_random_controls
     from sclens.screen import screen
 
     model = load_default_model()
@@ -72,13 +73,15 @@ def main() -> None:
         keep = np.isin(a.var_names, model.vocab.genes)
         panel = select_panel(a, model.vocab.genes, n_genes=1200)
         banks = export_operators(model, a, panel, n_ref_cells=64, progress=False)
+        controls = export_random_controls(model, a, panel, n_copies=args.random_control, n_ref_cells=64, progress=False)
         anchors = build_anchors(a, panel, **kw)
         rep = screen(banks, anchors, fitters=args.fitters.split(","), n_jobs=args.n_jobs,
-                     cache_dir=out / name / "cache", progress=False)
+                     cache_dir=out / name / "cache", progress=False, controls=controls)
         rep.save(out / name, anchors, banks)
         cols = ["featurisation", "layer", "head", "fitter", "trustworthiness", "ruler_spearman", "ruler_spearman_resid",
                 "holdout_random", "holdout_donor", "holdout_branch", "perm_p", "q", "passes_gates", "null_passes",
-                "passes_all"]
+                "passes_published", "learned_metric", "learned_value", "raw_value", "random_quantile_value",
+                "margin_over_raw", "margin_over_random", "gate_learned", "passes_all"]
         best_unit = rep.table[rep.table["featurisation"].isin(["attn", "qk", "ov"])].iloc[0]
         raw = rep.table[rep.table["featurisation"] == "raw"].sort_values("ruler_spearman_resid", ascending=False).iloc[0]
         clean = lambda r: {c: (None if isinstance(r[c], float) and not np.isfinite(r[c]) else
@@ -88,7 +91,13 @@ def main() -> None:
             "anchors": len(anchors), "stages": anchors.info["n_stages"], "branches": anchors.info["n_branches"],
             "donors": anchors.info["n_donors"], "pseudo_replicates": anchors.info["pseudo_replicates"],
             "unmapped": anchors.info["unmapped"], "hypotheses": len(rep.table),
-            "passing": int(rep.table["passes_all"].sum()), "top": clean(rep.top), "best_unit": clean(best_unit),
+            "passing": int(rep.table["passes_all"].sum()),
+            "passing_published": int(rep.table["passes_published"].sum()),
+            "passing_learned": int(rep.table["gate_learned"].fillna(False).astype(bool).sum()),
+            "random_weights_copies": args.random_control, "failed": rep.info["n_failed"],
+            "best_margin_over_random": clean(rep.table[rep.table["featurisation"] != "raw"]
+                                             .sort_values("margin_over_random", ascending=False).iloc[0]),
+            "top": clean(rep.top), "best_unit": clean(best_unit),
             "best_raw": clean(raw), "seconds": time.perf_counter() - t0, "gates_sha256": rep.gates_sha256,
         }
         print(name, json.dumps(summary[name], indent=1, default=str), flush=True)

@@ -113,3 +113,35 @@ def test_export_operators_then_screen(tmp_path):
     art.write_bytes(art.read_bytes()[:-3] + b"xyz")
     r = runner.invoke(app, ["inspect", str(art)])
     assert r.exit_code == 2 and "content check" in r.output
+
+
+def test_degenerate_inputs_get_clear_messages(h5ad, tmp_path, sim_small):
+    """0 cells to embed, log-normalised input to embed, no gene in the model vocabulary: each is said plainly."""
+    import anndata as ad
+    import numpy as np
+    import scanpy as sc
+
+    sim_small[:0].copy().write_h5ad(tmp_path / "empty.h5ad")
+    r = runner.invoke(app, ["embed", str(tmp_path / "empty.h5ad"), "-o", str(tmp_path / "e0.h5ad")])
+    assert r.exit_code == 2 and "0 cells" in r.output and "Traceback" not in r.output
+    # log1p-normalised input: embedded with a note, and the same embeddings as from the counts (per-cell bins)
+    sub = sim_small[:24].copy()
+    sub.write_h5ad(tmp_path / "counts.h5ad")
+    lg = sub.copy()
+    sc.pp.normalize_total(lg, target_sum=1e4)
+    sc.pp.log1p(lg)
+    lg.write_h5ad(tmp_path / "log.h5ad")
+    r1 = runner.invoke(app, ["embed", str(tmp_path / "counts.h5ad"), "-o", str(tmp_path / "ec.h5ad")])
+    r2 = runner.invoke(app, ["embed", str(tmp_path / "log.h5ad"), "-o", str(tmp_path / "el.h5ad")])
+    assert r1.exit_code == 0 and r2.exit_code == 0, r2.output
+    assert "log1p normalized values, not raw counts" in r2.output and "note:" not in r1.output
+    e1, e2 = ad.read_h5ad(tmp_path / "ec.h5ad").obsm["X_scgpt"], ad.read_h5ad(tmp_path / "el.h5ad").obsm["X_scgpt"]
+    assert np.allclose(e1, e2, atol=1e-5)
+    # no gene in the vocabulary
+    alien = sim_small[:10].copy()
+    alien.var_names = [f"zz{i}" for i in range(alien.n_vars)]
+    alien.write_h5ad(tmp_path / "alien.h5ad")
+    r = runner.invoke(app, ["data", str(tmp_path / "alien.h5ad")])
+    assert r.exit_code == 2 and "none of the" in r.output and "model vocabulary" in r.output
+    r = runner.invoke(app, ["data", str(h5ad)])
+    assert r.exit_code == 0 and "are model tokens" in r.output

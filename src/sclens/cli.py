@@ -61,6 +61,18 @@ def data(
             adata = harmonize_gene_ids(adata if not backed else adata.to_memory(), var_key=var_key)
         report = validate(adata, obs_keys=obs_key + ([label_key] if label_key else []), require=require, layer=layer)
         typer.echo(report.summary())
+        m = resolve_model(model)
+        import anndata as ad
+
+        ids_only = ad.AnnData(var=adata.var.copy())  # gene ids only: a backed file is not loaded for this
+        genes = list((ids_only if var_key else harmonize_gene_ids(ids_only)).var_names.astype(str))
+        shared = [g for g in genes if g in m.vocab]
+        if not shared:
+            raise SclensError(
+                f"none of the {len(genes):,} genes (e.g. {genes[:4]}) is in the model vocabulary ({len(m.vocab):,} "
+                f"tokens, e.g. {m.vocab.genes[:4]}): check the species and the id column (--var-key)")
+        typer.echo(f"model vocabulary: {len(shared):,} of {len(genes):,} genes ({len(shared) / len(genes):.0%}) are model "
+                   f"tokens ({getattr(m, 'source', 'model')})")
         if label_key:
             typer.echo(StageDAG.default().map_labels(adata.obs[label_key].astype(str)).summary())
         if panel_out:
@@ -119,9 +131,16 @@ def embed(
     try:
         if out.resolve() == path.resolve():
             raise SclensError("--out must differ from the input file: sclens never overwrites its input")
+        import warnings
+
         adata = read_h5ad(path)
-        embed_cells(adata, resolve_model(model), var_key=var_key, layer=layer, pooling=pooling,
-                    batch_size=batch_size, seed=seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            embed_cells(adata, resolve_model(model), var_key=var_key, layer=layer, pooling=pooling,
+                        batch_size=batch_size, seed=seed)
+        for w in caught:
+            if issubclass(w.category, UserWarning):
+                typer.secho(f"note: {w.message}", fg=typer.colors.YELLOW, err=True)
         atomic_write(out, lambda p: adata.write_h5ad(p))
         typer.echo(f"wrote {adata.n_obs} embeddings ({adata.obsm['X_scgpt'].shape[1]}-d) to {out}")
     except SclensError as exc:
@@ -221,30 +240,78 @@ def screen_cmd(
     min_cells: int = typer.Option(5), max_cells: Optional[int] = typer.Option(None),
     n_jobs: int = typer.Option(1), seed: int = typer.Option(0), var_key: Optional[str] = typer.Option(None),
     layer: Optional[str] = typer.Option(None), no_drift: bool = typer.Option(False), no_raw: bool = typer.Option(False),
+    random_control: int = typer.Option(3, help="Random-weights copies of the model screened as controls for the "
+                                       "'learned' gate (0: skip; the gate is then not evaluated)."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint the operators came from, for the random-weights copies "
+                                         "(default: the one recorded in the operators' manifest)."),
 ) -> None:
     """Screen every unit x featurisation x fitter against the developmental ruler, under the gates."""
     from .anchors import build_anchors
     from .data import harmonize_gene_ids, read_h5ad
     from .ontology import StageDAG
+    from .operators import export_random_controls
     from .screen import screen
 
     try:
+        if random_control < 0:
+            raise SclensError(f"--random-control must be >= 0, got {random_control}")
         banks = _load_banks(operators, _split(kinds))
         panel = next(iter(banks.values())).panel
         adata = harmonize_gene_ids(read_h5ad(data_path), var_key=var_key)
         stage_dag = StageDAG.from_yaml(dag) if dag else StageDAG.default()
         anchors = build_anchors(adata, panel, label_key=label_key, donor_key=donor_key, tissue_key=tissue_key,
                                 dag=stage_dag, min_cells=min_cells, max_cells=max_cells, layer=layer, seed=seed)
+        controls = []
+        if random_control:
+            m, manifest = _model_of_banks(banks, model)
+            controls = export_random_controls(m, adata, panel, list(banks), n_copies=random_control,
+                                              n_ref_cells=int(manifest.get("n_reference_cells", 256)),
+                                              seed=int(manifest.get("seed", 0)), layer=layer)
         rep = screen(banks, anchors, fitters=_split(fitters), gates_path=gates, seed=seed, n_jobs=n_jobs,
-                     cache_dir=out / "cache", include_drift=not no_drift, include_raw=not no_raw)
+                     cache_dir=out / "cache", include_drift=not no_drift, include_raw=not no_raw, controls=controls)
         rep.save(out, anchors, banks)
         t = rep.top
-        typer.echo(f"{len(rep.table)} hypotheses on {len(anchors)} anchors; {int(rep.table['passes_all'].sum())} pass "
-                   f"the gates with the null failing. Top: {t['featurisation']} L{int(t['layer'])}H{int(t['head'])} "
-                   f"{t['fitter']} (resid. Spearman {t['ruler_spearman_resid']:.3f}, trust {t['trustworthiness']:.3f}, "
-                   f"p {t['perm_p']:.4g}, passes {bool(t['passes_all'])}). Report: {out}")
+        lg = rep.info["learned_gate"]
+        learned = (f"{lg['n_passing_learned']} pass 'learned' (beat raw and {len(controls)} random-weights copies)"
+                   if lg["evaluated"] else "the 'learned' gate was not evaluated (--random-control 0)")
+        failed = f"; {rep.info['n_failed']} failed (see the 'failure' column)" if rep.info["n_failed"] else ""
+        typer.echo(f"{len(rep.table)} hypotheses on {len(anchors)} anchors; {lg['n_passing_published']} pass the published "
+                   f"gates with the null failing; {learned}; {int(rep.table['passes_all'].sum())} pass every gate{failed}.")
+        if not _failed_row(t):
+            typer.echo(f"Top: {t['featurisation']} L{int(t['layer'])}H{int(t['head'])} {t['fitter']} (resid. Spearman "
+                       f"{t['ruler_spearman_resid']:.3f}, trust {t['trustworthiness']:.3f}, p {t['perm_p']:.4g}, "
+                       f"margin over raw {t['margin_over_raw']:.3f}, over random {t['margin_over_random']:.3f}, "
+                       f"passes {bool(t['passes_all'])}).")
+        typer.echo(f"Report: {out}")
     except SclensError as exc:
         _fail(exc)
+
+
+def _failed_row(row) -> bool:
+    f = row.get("failure", "")
+    return isinstance(f, str) and f != ""
+
+
+def _model_of_banks(banks: dict, model: Optional[Path]):
+    """The checkpoint the operator banks were exported from (for random-weights copies), checked by its hash."""
+    from .models import default_model_dir, load_default_model, load_scgpt
+
+    manifest = next(iter(banks.values())).manifest
+    recorded = manifest.get("model")
+    if model is not None:
+        m = load_scgpt(model)
+    elif recorded and Path(recorded).is_dir():
+        m = load_scgpt(recorded)
+    elif recorded == str(default_model_dir()):
+        m = load_default_model()
+    else:
+        raise SclensError(f"the operators were exported from {recorded!r}, which is not a checkpoint folder here; pass "
+                          "--model PATH for the random-weights controls, or --random-control 0 to skip them")
+    want = manifest.get("model_sha256")
+    if want and getattr(m, "checkpoint_sha256", None) != want:
+        raise SclensError(f"--model {getattr(m, 'source', model)} is not the checkpoint the operators were exported from "
+                          f"(sha256 {str(getattr(m, 'checkpoint_sha256', None))[:12]}... vs {want[:12]}... in the manifest)")
+    return m, manifest
 
 
 def _parse_units(s: str) -> list[tuple[int, int]]:
@@ -394,6 +461,8 @@ def bench_cmd(
     model: Optional[Path] = typer.Option(None, help="Checkpoint dir (default: embedded model)."),
     name: Optional[str] = typer.Option(None, help="Campaign name (default: the data file's stem)."),
     layer: Optional[str] = typer.Option(None),
+    random_control: Optional[int] = typer.Option(None, help="Random-weights copies behind the extracted_random control "
+                                                 "row (default 3; 0 skips it)."),
 ) -> None:
     """Donor-holdout benchmark of the extracted algorithm against the usual tools, on any labelled dataset."""
     from .bench import BenchConfig, Endpoint, parse_binary_spec, read_bench_config, run_campaign
@@ -402,7 +471,8 @@ def bench_cmd(
     try:
         overrides = dict(donor_key=donor_key, label_key=label_key, scheme=scheme, n_splits=n_splits, seed=seed,
                          var_key=var_key, operator=operator, scvi_epochs=scvi_epochs, adaptor_epochs=adaptor_epochs,
-                         methods=_split(methods) if methods else None, test_sources=list(test_source) or None)
+                         methods=_split(methods) if methods else None, test_sources=list(test_source) or None,
+                         random_control=random_control)
         cli_eps = []
         for spec in binary:
             if not (label_key or endpoints):

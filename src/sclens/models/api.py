@@ -70,7 +70,10 @@ def embed_cells(
     Works chunk by chunk, so backed AnnData need not fit in memory (the embeddings do). With ``copy=True``
     a new AnnData is returned; otherwise the embeddings are written in place and also returned.
     """
+    if adata.n_obs == 0:
+        raise InputError("the AnnData has 0 cells: there is nothing to embed")
     model = resolve_model(model)
+    _note_value_kind(adata, layer)
     out = adata.copy() if copy else adata
     embs = []
     for sl, _ in iter_chunks(adata, chunk_size):
@@ -85,3 +88,19 @@ def embed_cells(
             "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
         }
     return out if copy else E
+
+
+def _note_value_kind(adata: ad.AnnData, layer: str | None) -> None:
+    """Warn when the input is not raw counts, and say what the official rules then do with it."""
+    import warnings
+
+    from ..data import detect_value_kind
+
+    X = adata.layers[layer] if layer else adata.X
+    kind, _ = detect_value_kind(X[: min(2000, adata.n_obs)])
+    if kind in ("log1p_normalized", "log_other", "normalized"):
+        warnings.warn(
+            f"{'layer ' + layer if layer else 'X'} holds {kind.replace('_', ' ')} values, not raw counts. The official "
+            "embed_data rules bin each cell's non-zero values by their quantiles within that cell, and normalising and "
+            "log-transforming a cell are monotone within the cell, so the bins (and the embeddings) are the same as "
+            "from the counts; only the set of non-zero genes matters beyond ranks", UserWarning, stacklevel=3)
