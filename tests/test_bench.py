@@ -299,3 +299,42 @@ def test_control_rows_identity_and_random_operators_with_ablation_tests(tmp_path
     cfg.random_control, cfg.methods = 0, ["extracted_random", "pca10"]
     res = run_campaign(a, cfg, model=model, progress=False)
     assert "random_control = 0" in res.skipped["extracted_random"]
+
+
+class _NaNMethod(bench.Method):
+    name = "nan_embedding"
+
+    def fit(self, train, endpoints, targets):
+        pass
+
+    def embed_or_predict(self, cells, idx):
+        Z = cells.x[:, :3].copy()
+        Z[0, 0] = np.nan
+        return {"embedding": Z}
+
+
+class _Broken(bench.Method):
+    name = "broken"
+
+    def fit(self, train, endpoints, targets):
+        raise np.linalg.LinAlgError("singular matrix")
+
+
+class _Constant(_NaNMethod):
+    name = "constant_embedding"
+
+    def embed_or_predict(self, cells, idx):
+        return {"embedding": np.zeros((cells.n, 4))}
+
+
+def test_a_failing_method_is_reported_and_the_campaign_goes_on(monkeypatch):
+    for cls in (_NaNMethod, _Broken, _Constant):
+        monkeypatch.setitem(bench.METHODS, cls.name, cls)
+    cfg = BenchConfig(endpoints=[Endpoint("t", "binary", "annot", positive=["CD8 T cells"], negative=["CD4 T cells"])],
+                      donor_key="individual", n_splits=2, seed=0,
+                      methods=["nan_embedding", "broken", "constant_embedding", "pca10"])
+    res = run_campaign(_toy(), cfg, progress=False)
+    assert "non-finite" in res.skipped["nan_embedding"] and "failed on split" in res.skipped["nan_embedding"]
+    assert "LinAlgError: singular matrix" in res.skipped["broken"]
+    assert "constant" in res.skipped["constant_embedding"]
+    assert set(res.scores.method) == {"pca10"}

@@ -1093,6 +1093,21 @@ def campaign_inputs(adata: ad.AnnData, config: BenchConfig, model, *, layer: str
     return CampaignInputs(adata, panel, x, kind, donors, targets, stage_labels, mapped, splits, libsize)
 
 
+# what a method may raise on data it cannot handle; programming errors (TypeError, AttributeError...) still surface
+_METHOD_ERRORS = (ValueError, ArithmeticError, np.linalg.LinAlgError, RuntimeError, InputError)
+
+
+def _check_embedding(Z: np.ndarray, which: str) -> None:
+    Z = np.asarray(Z)
+    bad = int((~np.isfinite(Z)).sum()) if Z.dtype.kind == "f" else 0
+    if bad:
+        raise ValueError(f"the {which} embedding has {bad} non-finite values (NaN/inf) out of {Z.size}")
+    if Z.ndim != 2 or Z.shape[1] == 0:
+        raise ValueError(f"the {which} embedding has shape {Z.shape}; expected [cells, dimensions]")
+    if len(Z) > 1 and float(np.ptp(Z, axis=0).max()) == 0.0:
+        raise ValueError(f"the {which} embedding is constant across cells")
+
+
 def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: str = "campaign",
                  layer: str | None = None, progress: bool = True) -> BenchResult:
     """Run every method on every split and score every endpoint; see the module docstring."""
@@ -1130,6 +1145,10 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
             skipped[mname] = str(exc)
             methods.pop(mname)
             continue
+        except _METHOD_ERRORS as exc:
+            skipped[mname] = f"failed while preparing: {type(exc).__name__}: {exc}"
+            methods.pop(mname)
+            continue
         runtime.append({"method": mname, "split": -1, "stage": "prepare (one-time)", "seconds": time.perf_counter() - t0})
     params: dict[str, dict] = {}
     floors: dict[str, list] = {ep.name: [] for ep in config.endpoints}
@@ -1157,6 +1176,8 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
                 if m.output == "embedding":
                     Ztr = m.embed_or_predict(train, sp_.train)["embedding"]
                     Zte = m.embed_or_predict(test, sp_.test)["embedding"]
+                    _check_embedding(Ztr, "training")
+                    _check_embedding(Zte, "test")
                     t2 = time.perf_counter()
                     preds, n_ro, _ = _shared_readouts(Ztr, Zte, config.endpoints, t_tr, config.seed)
                     t3 = time.perf_counter()
@@ -1168,6 +1189,11 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
                                                        for ep in config.endpoints if ep.kind == "depth"}
             except MethodSkipped as exc:
                 skipped[mname] = str(exc)
+                methods.pop(mname)
+                bar.update(1)
+                continue
+            except _METHOD_ERRORS as exc:  # a method that breaks is reported as failed, with why; the others go on
+                skipped[mname] = f"failed on split {sp_.index}: {type(exc).__name__}: {exc}"
                 methods.pop(mname)
                 bar.update(1)
                 continue
