@@ -88,15 +88,35 @@ def data(
 
 @app.command("model")
 def model_info(
-    model_dir: Optional[Path] = typer.Argument(None, help="Official scGPT checkpoint dir (default: embedded model)."),
+    args: Optional[List[str]] = typer.Argument(
+        None, help="[CHECKPOINT]: describe a checkpoint (default: the embedded model); or 'probe CHECKPOINT DATA.h5ad': "
+                   "run the learning probes (CHECKPOINT 'default' = the embedded model)."),
     hooks: bool = typer.Option(False, help="List every hook point."),
     allow_unsupported: bool = typer.Option(False, help="Ignore fine-tuning modules sclens does not model."),
+    label_key: Optional[str] = typer.Option(None, help="probe: obs column of cell-type labels."),
+    donor_key: Optional[str] = typer.Option(None, help="probe: obs column of donors (CV folds grouped by donor)."),
+    out: Path = typer.Option(Path("probe"), "--out", "-o", help="probe: folder for probe_<name>.json/.md/.png."),
+    n_cells: int = typer.Option(2000, help="probe: cells embedded."),
+    random_weights: bool = typer.Option(True, help="probe: also embed with a random-weights copy."),
+    var_key: Optional[str] = typer.Option(None, help="probe: var column with gene ids."),
+    seed: int = typer.Option(0),
 ) -> None:
-    """Load a checkpoint and print its architecture, vocabulary and hook points."""
+    """Describe a checkpoint (architecture, vocabulary, hook points), or probe what it learned (`model probe`)."""
     from .models import load_default_model, load_scgpt
 
+    args = list(args or [])
     try:
-        m = load_scgpt(model_dir, allow_unsupported=allow_unsupported) if model_dir else load_default_model()
+        if args and args[0] == "probe":
+            if len(args) != 3:
+                raise SclensError("usage: sclens model probe CHECKPOINT DATA.h5ad --label-key COLUMN [--donor-key COLUMN]")
+            if not label_key:
+                raise SclensError("sclens model probe needs --label-key (the obs column of cell-type labels)")
+            _probe(args[1], Path(args[2]), label_key=label_key, donor_key=donor_key, out=out, n_cells=n_cells,
+                   random_weights=random_weights, var_key=var_key, seed=seed)
+            return
+        if len(args) > 1:
+            raise SclensError(f"expected at most one checkpoint folder, got {args}")
+        m = load_scgpt(args[0], allow_unsupported=allow_unsupported) if args else load_default_model()
     except SclensError as exc:
         _fail(exc)
     c = m.config
@@ -110,6 +130,19 @@ def model_info(
     if hooks:
         for n in m.hook_dict:
             typer.echo(f"  {n}")
+
+
+def _probe(checkpoint: str, data: Path, *, label_key, donor_key, out, n_cells, random_weights, var_key, seed) -> None:
+    from .data import read_h5ad
+    from .models import load_default_model, load_scgpt
+    from .models.probe import probe_model
+
+    m = load_default_model() if checkpoint == "default" else load_scgpt(checkpoint)
+    res = probe_model(m, read_h5ad(data), label_key=label_key, donor_key=donor_key, name=data.stem, n_cells=n_cells,
+                      random_weights=random_weights, var_key=var_key, seed=seed)
+    paths = res.save(out)
+    typer.echo(res.table())
+    typer.echo(f"probe -> {paths['json']}")
 
 
 @app.command()
