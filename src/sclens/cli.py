@@ -283,7 +283,7 @@ def screen_cmd(
     from .data import harmonize_gene_ids, read_h5ad
     from .ontology import StageDAG
     from .operators import export_random_controls
-    from .screen import screen
+    from .screen import row_failed, screen
 
     try:
         if random_control < 0:
@@ -310,7 +310,7 @@ def screen_cmd(
         failed = f"; {rep.info['n_failed']} failed (see the 'failure' column)" if rep.info["n_failed"] else ""
         typer.echo(f"{len(rep.table)} hypotheses on {len(anchors)} anchors; {lg['n_passing_published']} pass the published "
                    f"gates with the null failing; {learned}; {int(rep.table['passes_all'].sum())} pass every gate{failed}.")
-        if not _failed_row(t):
+        if not row_failed(t):
             typer.echo(f"Top: {t['featurisation']} L{int(t['layer'])}H{int(t['head'])} {t['fitter']} (resid. Spearman "
                        f"{t['ruler_spearman_resid']:.3f}, trust {t['trustworthiness']:.3f}, p {t['perm_p']:.4g}, "
                        f"margin over raw {t['margin_over_raw']:.3f}, over random {t['margin_over_random']:.3f}, "
@@ -318,11 +318,6 @@ def screen_cmd(
         typer.echo(f"Report: {out}")
     except SclensError as exc:
         _fail(exc)
-
-
-def _failed_row(row) -> bool:
-    f = row.get("failure", "")
-    return isinstance(f, str) and f != ""
 
 
 def _model_of_banks(banks: dict, model: Optional[Path]):

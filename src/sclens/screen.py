@@ -18,6 +18,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -87,7 +88,7 @@ class ScreenReport:
         figures = {}
         for kind in sorted(set(self.table["featurisation"]) & {"attn", "qk", "ov"}):
             figures[f"heatmap_{kind}"] = plot_unit_heatmap(self.table, kind, out / f"screen_heatmap_{kind}.png").name
-        if anchors is not None and banks is not None and len(self.table) and not _failed(self.top):
+        if anchors is not None and banks is not None and len(self.table) and not row_failed(self.top):
             figures["top_unit_3d"] = plot_top_3d(self, anchors, banks, out / "screen_top_unit_3d.png").name
         report = {"gates": self.gates, "gates_sha256": self.gates_sha256, "config": self.config, "info": self.info,
                   "figures": figures, "n_hypotheses": len(self.table), "n_passing": int(self.table["passes_all"].sum()),
@@ -97,7 +98,8 @@ class ScreenReport:
         return out
 
 
-def _failed(row) -> bool:
+def row_failed(row) -> bool:
+    """True when a screen row could not be evaluated (its ``failure`` says why)."""
     f = row.get("failure", "")
     return isinstance(f, str) and f != ""
 
@@ -136,31 +138,25 @@ def _cached(cache_file: Path | None, key: str):
     return None
 
 
-def _run_job(job, anchors, bank, fitters, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs, cache_dir, key):
+def _rows(cache_file: Path | None, key: str, F_args: tuple, fitters, base: dict, fit_one) -> list[dict]:
+    """One featurisation x every fitter: the resume cache, the degeneracy check and the failure record around
+    ``fit_one(F, fitter) -> metrics``."""
     import torch
 
     torch.set_num_threads(1)
-    feat, layer, head = job
-    cache_file = Path(cache_dir) / f"{feat.replace(':', '-')}_{layer}_{head}.json" if cache_dir else None
     if (rows := _cached(cache_file, key)) is not None:
         return rows
-    F = _features(anchors, feat, bank, layer, head)
+    F = _features(*F_args)
     reason = degenerate_reason(F, _min_distinct(len(F)))
     rows = []
     for fitter in fitters:
         t0 = time.perf_counter()
-        row = {"featurisation": feat, "layer": layer, "head": head, "fitter": fitter, "d": float("nan"), "failure": ""}
+        row = {**base, "fitter": fitter, "failure": ""}
         if reason:
             row["failure"] = f"degenerate featurisation: {reason}"
         else:
             try:
-                res, _ = evaluate(F, anchors, fitter, rulers={"ruler": (ruler, anchors.dag.ruler_matrix),
-                                                              "null": (null_ruler, null_stage_ruler)},
-                                  d=d, k=k, n_perm=gates["n_permutations"], seed=seed, let_epochs=let_epochs)
-                pos, neg = res["ruler"], res["null"]
-                row["d"] = pos.pop("latent_dim")
-                row.update(pos)
-                row.update({f"null_{k2}": v for k2, v in neg.items() if k2 != "latent_dim"})
+                row.update(fit_one(F, fitter))
             except _FIT_ERRORS as exc:
                 row["failure"] = f"{fitter} failed: {type(exc).__name__}: {exc}"
         row["seconds"] = time.perf_counter() - t0
@@ -170,34 +166,43 @@ def _run_job(job, anchors, bank, fitters, ruler, null_ruler, null_stage_ruler, g
     return rows
 
 
+def _evaluate_both(F, fitter, *, anchors, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs) -> dict:
+    res, _ = evaluate(F, anchors, fitter, rulers={"ruler": (ruler, anchors.dag.ruler_matrix),
+                                                  "null": (null_ruler, null_stage_ruler)},
+                      d=d, k=k, n_perm=gates["n_permutations"], seed=seed, let_epochs=let_epochs)
+    pos, neg = res["ruler"], res["null"]
+    out = {"d": pos.pop("latent_dim"), **pos}
+    out.update({f"null_{k2}": v for k2, v in neg.items() if k2 != "latent_dim"})
+    return out
+
+
+def _control_value(F, fitter, *, anchors, metrics, ruler, d, k, seed, let_epochs) -> dict:
+    return {"value": learned_statistic(F, anchors, fitter, metrics[fitter], ruler=ruler, d=d, k=k, seed=seed,
+                                       let_epochs=let_epochs)}
+
+
+def _run_job(job, anchors, bank, fitters, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs, cache_dir, key):
+    feat, layer, head = job
+    cache_file = Path(cache_dir) / f"{feat.replace(':', '-')}_{layer}_{head}.json" if cache_dir else None
+    fit_one = partial(_evaluate_both, anchors=anchors, ruler=ruler, null_ruler=null_ruler,
+                      null_stage_ruler=null_stage_ruler, gates=gates, d=d, k=k, seed=seed, let_epochs=let_epochs)
+    base = {"featurisation": feat, "layer": layer, "head": head}
+    rows = _rows(cache_file, key, (anchors, feat, bank, layer, head), fitters, base, fit_one)
+    # keep the table's column order: identity, fitter, d, metrics
+    return [{"featurisation": r["featurisation"], "layer": r["layer"], "head": r["head"], "fitter": r["fitter"],
+             "d": r.get("d", float("nan")), **r} for r in rows]
+
+
 def _run_control_job(job, anchors, bank, fitters, metrics, ruler, d, k, seed, let_epochs, cache_dir, key):
     """The learned gate's statistic of one unit of one random-weights copy, for every fitter (reduced design:
     only the statistic the gate compares, with the same fits and seeds as the model's own hypotheses)."""
-    import torch
-
-    torch.set_num_threads(1)
     feat, layer, head, copy = job
     cache_file = (Path(cache_dir) / f"control{copy}_{feat.replace(':', '-')}_{layer}_{head}.json" if cache_dir else None)
-    if (rows := _cached(cache_file, key)) is not None:
-        return rows
-    F = _features(anchors, feat, bank, layer, head)
-    reason = degenerate_reason(F, _min_distinct(len(F)))
-    rows = []
-    for fitter in fitters:
-        row = {"copy": copy, "featurisation": feat, "layer": layer, "head": head, "fitter": fitter,
-               "metric": metrics[fitter], "value": float("nan"), "failure": ""}
-        if reason:
-            row["failure"] = f"degenerate featurisation: {reason}"
-        else:
-            try:
-                row["value"] = learned_statistic(F, anchors, fitter, metrics[fitter], ruler=ruler, d=d, k=k, seed=seed,
-                                                 let_epochs=let_epochs)
-            except _FIT_ERRORS as exc:
-                row["failure"] = f"{fitter} failed: {type(exc).__name__}: {exc}"
-        rows.append(row)
-    if cache_file:
-        cache_file.write_text(json.dumps({"key": key, "rows": rows}, default=float))
-    return rows
+    fit_one = partial(_control_value, anchors=anchors, metrics=metrics, ruler=ruler, d=d, k=k, seed=seed,
+                      let_epochs=let_epochs)
+    base = {"copy": copy, "featurisation": feat, "layer": layer, "head": head}
+    rows = _rows(cache_file, key, (anchors, feat, bank, layer, head), fitters, base, fit_one)
+    return [{**r, "metric": metrics[r["fitter"]], "value": r.get("value", float("nan"))} for r in rows]
 
 
 def _feature_jobs(banks: dict, units, include_drift: bool) -> tuple[list[tuple[str, int, int]], list[str]]:
