@@ -65,3 +65,43 @@ def test_several_datasets_with_different_genes(sim_small):
     res = pretrain_scgpt([a, b], PretrainConfig(steps=3, **CFG), progress=False)
     assert len(res.model.vocab.genes) == len(set(a.var_names) | set(b.var_names))
     assert np.isfinite(res.log["final_eval"]["mlm"])
+
+
+def test_info_nce_known_answer():
+    from sclens.models.pretrain import info_nce
+
+    z = torch.eye(4)
+    assert float(info_nce(z, z, 0.5)) == pytest.approx(float(np.log(1 + 3 * np.exp(-2.0))), rel=1e-6)
+    # views that do not match their own cell cost more than matching ones
+    assert float(info_nce(z, z.roll(1, 0), 0.5)) > float(info_nce(z, z, 0.5))
+
+
+def test_cell_representation_objectives_run_and_are_logged(sim_small):
+    """Whole-input decoding from the cell embedding, two-view InfoNCE, drawn masking ratios and the learning
+    probe at every evaluation; the result still loads as an official checkpoint."""
+    cfg = PretrainConfig(steps=6, seed=0, mvc_scope="all", contrastive_weight=1.0, mask_ratios=[0.25, 0.5, 0.75],
+                         **{**CFG, "eval_every": 3})
+    res = pretrain_scgpt(sim_small, cfg, progress=False, probe=(sim_small, "cell_type", "donor"))
+    h = res.log["history"]
+    assert all("contrastive" in r and np.isfinite(r["contrastive"]) for r in h)
+    assert len(res.log["eval"]) == 3 and all(0 <= e["probe_knn_balanced_accuracy"] <= 1 for e in res.log["eval"])
+    assert {"probe_logreg_balanced_accuracy", "probe_effective_rank"} <= set(res.log["final_eval"])
+    # GEPC over every token differs from MVC over the masked ones on the same batch
+    from sclens.models.pretrain import _CellSampler, _losses
+
+    X = __import__("scipy.sparse", fromlist=["csr_matrix"]).csr_matrix(sim_small.X)
+    ids = res.model.vocab.lookup(sim_small.var_names.astype(str))
+    keep = ids >= 0
+    smp = _CellSampler([(X[:, keep], ids[keep])], cfg, res.model.vocab, np.random.default_rng(0))
+    b, t, m = smp.batch([(0, i) for i in range(8)])
+    with torch.no_grad():
+        _, masked_only, _ = _losses(res.model, b, t, m, "masked")
+        _, every, _ = _losses(res.model, b, t, m, "all")
+    assert float(masked_only) != float(every)
+
+
+def test_objective_settings_are_checked(sim_small):
+    for bad in (dict(mvc_scope="everything"), dict(mvc=False, mvc_scope="all"), dict(mask_ratios=[0.5, 1.2]),
+                dict(contrastive_temperature=0.0)):
+        with pytest.raises(InputError):
+            pretrain_scgpt(sim_small, PretrainConfig(steps=1, **{**CFG, **bad}), progress=False)

@@ -65,7 +65,7 @@ def test_baselines_are_exact_on_identical_cells_and_model_mse_matches_pretrainin
     sampler = _CellSampler([(X[ev], ids)], cfg, model.vocab, np.random.default_rng(4))
     b, t, m = sampler.batch([(0, i) for i in range(20)])
     with torch.no_grad():
-        mlm, _ = _losses(model.eval(), b, t, m)
+        mlm, _, _ = _losses(model.eval(), b, t, m)
     assert res1["all"]["model"] == pytest.approx(float(mlm), rel=1e-5)
 
 

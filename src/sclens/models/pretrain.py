@@ -45,7 +45,14 @@ class PretrainConfig:
     train_seq_len: int = 256  # tokens per cell during training (incl. <cls>)
     zero_fraction: float = 0.3  # share of each training sequence given to zero-expression genes
     mask_ratio: float = 0.4
+    mask_ratios: list[float] | None = None  # if set, each batch draws its masking ratio from these (e.g. [.25, .5, .75])
     mvc: bool = True
+    mvc_scope: str = "masked"  # "masked" (official MVC) or "all": decode every gene of the sequence, zeros included,
+    #                            from the cell embedding alone (GEPC over the whole input)
+    mlm_weight: float = 1.0
+    mvc_weight: float = 1.0
+    contrastive_weight: float = 0.0  # InfoNCE between the <cls> embeddings of two random-mask views of each cell
+    contrastive_temperature: float = 0.5
     batch_size: int = 32
     steps: int = 2000
     lr: float = 1e-3
@@ -58,6 +65,19 @@ class PretrainConfig:
     n_bins: int = 51
     device: str = "cpu"
     threads: int | None = None
+
+    def check(self) -> None:
+        if self.mvc_scope not in ("masked", "all"):
+            raise InputError(f"mvc_scope must be 'masked' or 'all', got {self.mvc_scope!r}")
+        if self.mvc_scope == "all" and not self.mvc:
+            raise InputError("mvc_scope='all' decodes from the cell embedding: it needs mvc=True")
+        ratios = self.mask_ratios if self.mask_ratios is not None else [self.mask_ratio]
+        if not ratios or any(not 0 < r < 1 for r in ratios):
+            raise InputError(f"masking ratios must lie in (0, 1), got {ratios}")
+        if self.contrastive_weight < 0 or self.contrastive_temperature <= 0:
+            raise InputError("contrastive_weight must be >= 0 and contrastive_temperature > 0")
+        if self.train_seq_len < 8:
+            raise InputError("train_seq_len must be at least 8 tokens")
 
     def model_config(self) -> ScGPTConfig:
         return ScGPTConfig(
@@ -106,7 +126,9 @@ class _CellSampler:
         order = self.rng.permutation(len(tok))
         return tok[order], val[order]
 
-    def batch(self, cells: Sequence[tuple[int, int]]) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
+    def batch(self, cells: Sequence[tuple[int, int]], ratio: float | None = None
+              ) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
+        """Tokens, targets and a random mask for ``cells`` (``ratio`` defaults to the config's)."""
         cfg = self.cfg
         S = cfg.train_seq_len
         pad_id, cls_id = self.vocab["<pad>"], self.vocab["<cls>"]
@@ -118,13 +140,25 @@ class _CellSampler:
             g[i, 0], target[i, 0] = cls_id, -2.0
             g[i, 1 : len(t) + 1] = t
             target[i, 1 : len(v) + 1] = v
-        pad = g == pad_id
+        return self.remask(torch.from_numpy(g), torch.from_numpy(target), ratio)
+
+    def remask(self, gene_ids: torch.Tensor, target: torch.Tensor, ratio: float | None = None
+               ) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
+        """A (new) random mask over the same tokens: a second view of the same cells."""
+        g = gene_ids.numpy()
+        pad = g == self.vocab["<pad>"]
         maskable = ~pad
         maskable[:, 0] = False
-        masked = maskable & (self.rng.random((B, S)) < cfg.mask_ratio)
-        inp = np.where(masked, -1.0, target).astype(np.float32)
-        batch = TokenBatch(torch.from_numpy(g), torch.from_numpy(inp), torch.from_numpy(pad))
-        return batch, torch.from_numpy(target), torch.from_numpy(masked)
+        r = self.cfg.mask_ratio if ratio is None else ratio
+        masked = maskable & (self.rng.random(g.shape) < r)
+        inp = np.where(masked, -1.0, target.numpy()).astype(np.float32)
+        batch = TokenBatch(gene_ids, torch.from_numpy(inp), torch.from_numpy(pad))
+        return batch, target, torch.from_numpy(masked)
+
+    def ratio(self) -> float | None:
+        """This batch's masking ratio: drawn from ``mask_ratios`` when set (no draw otherwise)."""
+        rs = self.cfg.mask_ratios
+        return float(self.rng.choice(rs)) if rs else None
 
     def draw(self, n: int) -> list[tuple[int, int]]:
         p = self.sizes / self.sizes.sum()
@@ -132,7 +166,9 @@ class _CellSampler:
         return [(int(s), int(self.rng.integers(self.sizes[s]))) for s in src]
 
 
-def _losses(model: HookedScGPT, batch: TokenBatch, target: torch.Tensor, masked: torch.Tensor):
+def _losses(model: HookedScGPT, batch: TokenBatch, target: torch.Tensor, masked: torch.Tensor,
+            mvc_scope: str = "masked"):
+    """(masked-value MSE, MVC / GEPC MSE, <cls> embeddings [B, D]) of one batch."""
     b = batch.to(model.device)
     target, masked = target.to(model.device), masked.to(model.device)
     x, gene_embs = model.embed(b.gene_ids, b.values)
@@ -145,8 +181,33 @@ def _losses(model: HookedScGPT, batch: TokenBatch, target: torch.Tensor, masked:
     mvc = torch.zeros((), device=x.device)
     if model.mvc_decoder is not None:
         mvc_pred = model.mvc_decoder(x[:, 0], gene_embs)
-        mvc = ((mvc_pred - target) ** 2 * masked).sum() / n
-    return mlm, mvc
+        where = masked if mvc_scope == "masked" else (target > -2)  # "all": every gene token, zeros included
+        mvc = ((mvc_pred - target) ** 2 * where).sum() / where.sum().clamp(min=1)
+    return mlm, mvc, x[:, 0]
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """Symmetric InfoNCE between two views (row i of each is the same cell; other rows are negatives)."""
+    z1 = torch.nn.functional.normalize(z1, dim=-1)
+    z2 = torch.nn.functional.normalize(z2, dim=-1)
+    logits = z1 @ z2.T / temperature
+    labels = torch.arange(len(z1), device=z1.device)
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
+
+
+def _step_losses(model, sampler: "_CellSampler", cells, cfg: PretrainConfig) -> dict[str, torch.Tensor]:
+    """Every objective of one step on one draw of cells (two views when the contrastive term is on)."""
+    batch, target, masked = sampler.batch(cells, sampler.ratio())
+    mlm, mvc, cls = _losses(model, batch, target, masked, cfg.mvc_scope)
+    out = {"mlm": mlm, "mvc": mvc, "contrastive": torch.zeros((), device=mlm.device)}
+    if cfg.contrastive_weight > 0:
+        b2, t2, m2 = sampler.remask(batch.gene_ids, target, sampler.ratio())
+        mlm2, mvc2, cls2 = _losses(model, b2, t2, m2, cfg.mvc_scope)
+        out["mlm"], out["mvc"] = 0.5 * (mlm + mlm2), 0.5 * (mvc + mvc2)
+        out["contrastive"] = info_nce(cls, cls2, cfg.contrastive_temperature)
+    out["loss"] = (cfg.mlm_weight * out["mlm"] + cfg.mvc_weight * out["mvc"]
+                   + cfg.contrastive_weight * out["contrastive"])
+    return out
 
 
 def pretrain_scgpt(
@@ -158,6 +219,7 @@ def pretrain_scgpt(
     layer: str | None = None,
     progress: bool = True,
     extra_provenance: dict | None = None,
+    probe: tuple[ad.AnnData, str, str | None] | None = None,
 ) -> PretrainResult:
     """Pretrain an scGPT-architecture model on raw counts; write the official layout to ``out_dir``.
 
@@ -171,6 +233,10 @@ def pretrain_scgpt(
     out_dir
         If given, ``args.json``, ``vocab.json``, ``best_model.pt``, ``training_log.json`` and
         ``loss_curve.png`` are written there (atomically).
+    probe
+        ``(adata, label_key, donor_key)`` of labelled cells (never trained on): at every evaluation the log
+        records the kNN-15 and logistic-probe balanced accuracy of the <cls> embeddings of up to 500 of them
+        (:mod:`sclens.models.probe`, folds grouped by donor), so a run shows whether the cell representation learns.
     """
     from ..data import validate
 
@@ -178,8 +244,7 @@ def pretrain_scgpt(
     datasets = [data] if isinstance(data, ad.AnnData) else list(data)
     if not datasets:
         raise InputError("no training data given")
-    if cfg.train_seq_len < 8:
-        raise InputError("train_seq_len must be at least 8 tokens")
+    cfg.check()
     for i, a in enumerate(datasets):
         validate(a, require="counts", layer=layer)
     if vocab is None:
@@ -217,9 +282,9 @@ def pretrain_scgpt(
                     for _ in range(max(1, cfg.eval_cells // cfg.batch_size))]
 
     # start the expression decoder at the mean target bin: skips the long constant-prediction plateau
-    probe = torch.cat([t[m] for _, t, m in eval_batches])
+    init_targets = torch.cat([t[m] for _, t, m in eval_batches])
     with torch.no_grad():
-        model.decoder.fc[-1].bias.fill_(float(probe.mean()))
+        model.decoder.fc[-1].bias.fill_(float(init_targets.mean()))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:
@@ -228,12 +293,17 @@ def pretrain_scgpt(
         frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
+    probe_eval = _probe_fn(probe, cfg.seed) if probe is not None else None
+
     def evaluate() -> dict:
         model.eval()
         with torch.no_grad():
-            vals = [_losses(model, b, t, m) for b, t, m in eval_batches]
+            vals = [_losses(model, b, t, m, cfg.mvc_scope) for b, t, m in eval_batches]
+        out = {"mlm": float(np.mean([v[0].item() for v in vals])), "mvc": float(np.mean([v[1].item() for v in vals]))}
+        if probe_eval is not None:
+            out.update(probe_eval(model))
         model.train()
-        return {"mlm": float(np.mean([v[0].item() for v in vals])), "mvc": float(np.mean([v[1].item() for v in vals]))}
+        return out
 
     history, evals = [], []
     t0 = time.perf_counter()
@@ -242,16 +312,16 @@ def pretrain_scgpt(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        batch, target, masked = sampler.batch(sampler.draw(cfg.batch_size))
-        mlm, mvc = _losses(model, batch, target, masked)
-        loss = mlm + mvc
+        parts = _step_losses(model, sampler, sampler.draw(cfg.batch_size), cfg)
+        loss, mlm, mvc = parts["loss"], parts["mlm"], parts["mvc"]
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss at step {step}; lower the learning rate (lr={cfg.lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        history.append({"step": step + 1, "loss": loss.item(), "mlm": mlm.item(), "mvc": mvc.item()})
+        history.append({"step": step + 1, "loss": loss.item(), "mlm": mlm.item(), "mvc": mvc.item(),
+                        **({"contrastive": parts["contrastive"].item()} if cfg.contrastive_weight > 0 else {})})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             evals.append({"step": step + 1, **evaluate()})
             bar.set_postfix(train=f"{mlm.item():.2f}", eval_mlm=f"{evals[-1]['mlm']:.2f}")
@@ -277,6 +347,34 @@ def pretrain_scgpt(
         plot_loss_curve(log, out / "loss_curve.png")
         result.out_dir = out
     return result
+
+
+def _probe_fn(probe: tuple, seed: int, n_cells: int = 500):
+    """A callable model -> {probe_knn_balanced_accuracy, probe_logreg_balanced_accuracy} on a fixed labelled sample."""
+    from .api import tokenize_adata
+    from .probe import _folds, embedding_scores
+
+    adata, label_key, donor_key = (tuple(probe) + (None,))[:3]
+    from ..data import require_obs_columns
+
+    require_obs_columns(adata, [label_key, donor_key])
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(adata.n_obs, size=min(n_cells, adata.n_obs), replace=False))
+    sub = adata[idx].copy()
+    y = sub.obs[label_key].astype(str).to_numpy()
+    groups = sub.obs[donor_key].astype(str).to_numpy() if donor_key else None
+    folds, _ = _folds(y, groups, seed)
+    state: dict = {}
+
+    def run(model) -> dict:
+        if "batch" not in state:
+            state["batch"] = tokenize_adata(sub, model, seed=seed)
+        Z = model.cell_embeddings(state["batch"], mode="cls", batch_size=64)
+        sc = embedding_scores(Z, y, folds)
+        return {"probe_knn_balanced_accuracy": sc["knn_balanced_accuracy"],
+                "probe_logreg_balanced_accuracy": sc["probe_balanced_accuracy"], "probe_effective_rank": sc["effective_rank"]}
+
+    return run
 
 
 def plot_loss_curve(log: dict, path: str | Path) -> Path:
