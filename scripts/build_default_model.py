@@ -10,6 +10,23 @@ and MVC objectives on the REAL raw-count cells available offline:
   * ../shared/data/paul15_tradeseq/paul15_tradeseq.h5ad       mouse myeloid progenitors, symbols mapped to
                                                               human by upper-casing (2,660 cells, 240 genes)
 
+and, with ``--data all`` (issue 17: every real offline cell except the test sets, ~22,000 cells):
+
+  * ../shared/data/pellin2019_hsc_mpp/...h5ad                 sorted bone-marrow HSC / MPP (1,497 cells)
+  * ../shared/data/fasttopics_zheng2017_facs_pbmc/...h5ad     Zheng 2017 sorted PBMC incl. 687 CD34+ (3,774;
+                                                              Ensembl ids mapped to symbols)
+  * ../shared/data/soupx_pbmc4k_subset/...h5ad                10x pbmc4k (2,170)
+  * ../shared/data/fhil_10x_pbmc3k/...h5ad                    10x pbmc3k (2,700)
+  * ../shared/data/scwgparis_10x_pbmc_3batches/...h5ad        three 10x PBMC runs (2,902)
+
+Objective designs (``--design``; the ablation of issue 17 compares them with the learning probes):
+  mvc               masked values + MVC on the masked positions (the first default model)
+  contrastive       + two-view InfoNCE on <cls> (T = 0.5), masking ratios drawn from {0.25, 0.5, 0.75}
+  gepc_contrastive  whole-input decoding from <cls> (GEPC over every token, zeros included) + InfoNCE + drawn ratios
+
+``--probe`` logs the learning probe (kNN / logistic balanced accuracy of <cls>) at every evaluation on the
+Zheng 2017 sorted populations (cells seen unlabelled in training; labels only for the probe).
+
 Labels are never used (self-supervised). Kang 2018 and OneK1K donors are NOT used, so they stay
 independent test sets for the donor-holdout benchmark. Gene tokens are named as in the official scGPT
 whole-human vocabulary (../shared/data/scgpt_human_meta/vocab.json): the vocabulary is every training gene
@@ -69,12 +86,53 @@ def load_sources(shared: Path, official_vocab: dict) -> tuple[list[ad.AnnData], 
     return out, prov
 
 
+EXTRA = {
+    "pellin2019": "data/pellin2019_hsc_mpp/pellin2019_hsc_mpp.h5ad",
+    "zheng2017_sorted": "data/fasttopics_zheng2017_facs_pbmc/fasttopics_zheng2017_facs_pbmc.h5ad",
+    "pbmc4k": "data/soupx_pbmc4k_subset/soupx_pbmc4k_subset.h5ad",
+    "pbmc3k": "data/fhil_10x_pbmc3k/fhil_10x_pbmc3k.h5ad",
+    "pbmc_3batches": "data/scwgparis_10x_pbmc_3batches/scwgparis_10x_pbmc_3batches.h5ad",
+}
+
+
+def load_extra(shared: Path) -> tuple[list[ad.AnnData], dict]:
+    """The five sets added for issue 17 (none of them Kang 2018 or OneK1K), gene ids harmonised to symbols."""
+    from sclens.data import harmonize_gene_ids
+
+    out, prov = [], {}
+    for name, rel in EXTRA.items():
+        path = shared / rel
+        a = ad.read_h5ad(path)
+        a = harmonize_gene_ids(a)
+        a = a[:, ~a.var_names.duplicated()].copy()
+        a.X = sp.csr_matrix(a.X, dtype=np.float32)
+        a.obs = a.obs.iloc[:, :0]
+        a.obs["source"] = name
+        out.append(a)
+        prov[name] = {"file": rel, "sha256_16": sha16(path), "shape": list(a.shape)}
+    return out, prov
+
+
+DESIGNS = {
+    "mvc": {},
+    "contrastive": dict(contrastive_weight=1.0, contrastive_temperature=0.5, mask_ratios=[0.25, 0.5, 0.75]),
+    "gepc_contrastive": dict(mvc_scope="all", contrastive_weight=1.0, contrastive_temperature=0.5,
+                             mask_ratios=[0.25, 0.5, 0.75]),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--out", default=str(ROOT / "src/sclens/_default_model"))
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", choices=["first", "all"], default="first",
+                    help="'first': the five sources of the first default model; 'all': + the five sets of issue 17")
+    ap.add_argument("--design", choices=sorted(DESIGNS), default="mvc", help="objective mix (see the docstring)")
+    ap.add_argument("--train-seq-len", type=int, default=128)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--probe", action="store_true", help="log the learning probe at every evaluation")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from sclens.models import GeneVocab
@@ -85,6 +143,11 @@ def main() -> None:
     official_path = shared / "data/scgpt_human_meta/vocab.json"
     official = json.loads(official_path.read_text())
     datasets, prov = load_sources(shared, official)
+    if args.data == "all":
+        more, more_prov = load_extra(shared)
+        datasets += more
+        prov.update(more_prov)
+    print(f"{sum(a.n_obs for a in datasets):,} cells from {len(datasets)} sources")
 
     detected: dict[str, int] = {}
     for a in datasets:
@@ -97,13 +160,20 @@ def main() -> None:
     print(f"vocabulary: {len(genes)} genes (of {len(detected)} seen) named as in the official scGPT vocab")
 
     cfg = PretrainConfig(n_layers=6, n_heads=8, d_model=128, d_hid=256, dropout=0.1, max_seq_len=1200,
-                         train_seq_len=128, zero_fraction=0.3, mask_ratio=0.4, mvc=True, batch_size=32,
-                         steps=args.steps, lr=1e-3, warmup_steps=100, eval_every=100, eval_cells=256, seed=0,
-                         threads=args.threads)
+                         train_seq_len=args.train_seq_len, zero_fraction=0.3, mask_ratio=0.4, mvc=True,
+                         batch_size=32, steps=args.steps, lr=1e-3, warmup_steps=100, eval_every=100, eval_cells=256,
+                         seed=0, threads=args.threads, device=args.device, **DESIGNS[args.design])
+    probe = None
+    if args.probe:
+        from sclens.data import harmonize_gene_ids
+
+        z = harmonize_gene_ids(ad.read_h5ad(shared / EXTRA["zheng2017_sorted"]))
+        probe = (z[:, ~z.var_names.duplicated()].copy(), "cell_type", None)
     t0 = time.time()
-    res = pretrain_scgpt(datasets, cfg, vocab=vocab, out_dir=args.out,
+    res = pretrain_scgpt(datasets, cfg, vocab=vocab, out_dir=args.out, probe=probe,
                          extra_provenance={"sources": prov, "official_vocab_sha256_16": sha16(official_path),
-                                           "builder": "scripts/build_default_model.py"})
+                                           "builder": "scripts/build_default_model.py", "design": args.design,
+                                           "data": args.data})
     size = (Path(args.out) / "best_model.pt").stat().st_size
     print(f"done in {time.time() - t0:.0f}s; params {res.log['n_parameters']:,}; best_model.pt {size / 1e6:.1f} MB; "
           f"final held-out MLM {res.log['final_eval']['mlm']:.3f} (constant predictor "
