@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench")
     ap.add_argument("--scvi-epochs", type=int, default=50)
     ap.add_argument("--methods", default=None)
+    ap.add_argument("--suffix", default="", help="appended to the report names (e.g. _controls for a methods subset)")
     args = ap.parse_args()
     for name in args.campaigns:
         cfg = read_bench_config(HERE / "campaigns" / CAMPAIGNS[name], scvi_epochs=args.scvi_epochs,
@@ -84,7 +85,7 @@ def main() -> None:
                                        "would give up to 400)."]
         adata = load(name, args.shared)
         t0 = time.perf_counter()
-        res = run_campaign(adata, cfg, name=name)
+        res = run_campaign(adata, cfg, name=name + args.suffix)
         paths = res.save(args.out)
         print(summary_markdown(res))
         print(f"{name}: {time.perf_counter() - t0:.0f} s; skipped {res.skipped}; runtime {res.info['runtime_ratio']}")
