@@ -101,3 +101,18 @@ def test_probe_end_to_end_and_cli(labelled, tmp_path):
         one = a.copy()
         one.obs["one"] = "x"
         probe_model(None, one, label_key="one", n_cells=50, progress=False)
+
+
+def test_one_pass_embeddings_equal_the_model_forward(sim_small):
+    from sclens.models.api import tokenize_adata
+    from sclens.models.probe import _embeddings
+
+    model = load_default_model()
+    sub = sim_small[:20].copy()
+    E = _embeddings(model, sub, seed=0, batch_size=8, progress=False)
+    batch = tokenize_adata(sub, model, seed=0)
+    with torch.no_grad():
+        last = model(batch.gene_ids, batch.values, batch.padding_mask)
+        pen = model(batch.gene_ids, batch.values, batch.padding_mask, stop_at_layer=model.n_layers - 1)
+    assert np.allclose(E[("last", "cls")], last[:, 0].numpy(), atol=1e-5)
+    assert np.allclose(E[("penultimate", "avg")], model.pool(pen, batch.padding_mask, "avg").numpy(), atol=1e-5)

@@ -271,14 +271,22 @@ def _embeddings(model, adata: ad.AnnData, *, seed: int, batch_size: int, progres
 
     batch = tokenize_adata(adata, model, seed=seed)
     L = model.n_layers
-    layers = {"last": None, "penultimate": L - 1} if L >= 2 else {"last": None}
+    layers = ("last", "penultimate") if L >= 2 else ("last",)
     out: dict[tuple[str, str], list] = {(ly, p): [] for ly in layers for p in ("cls", "avg")}
     model.eval()
     with torch.no_grad():
         for start in tqdm(range(0, len(batch), batch_size), disable=not progress, desc="probe embeddings", unit="batch"):
             b = batch[start : start + batch_size].to(model.device)
-            for ly, stop in layers.items():
-                h = model(b.gene_ids, b.values, b.padding_mask, stop_at_layer=stop)
+            # one pass: the penultimate layer's output is the last layer's input
+            x, _ = model.embed(b.gene_ids, b.values)
+            pad = b.padding_mask if bool(b.padding_mask.any()) else None
+            hidden = {}
+            for i, block in enumerate(model.blocks):
+                if i == L - 1 and "penultimate" in layers:
+                    hidden["penultimate"] = x
+                x = block(x, pad)
+            hidden["last"] = x
+            for ly, h in hidden.items():
                 for p in ("cls", "avg"):
                     out[(ly, p)].append(model.pool(h, b.padding_mask, p).float().cpu().numpy())
     return {key: np.concatenate(v) for key, v in out.items()}
