@@ -124,3 +124,16 @@ def test_viewer_in_a_real_browser(setup, tmp_path):
     assert out["second"]["artifact"] == 1 and out["second_title"].startswith("rank4")
     for png in ("viewer_stage.png", "viewer_lens.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+
+
+def test_screen_evidence_line_for_the_viewer_hover():
+    from sclens.viz import screen_evidence
+
+    src = {"screen": {"featurisation": "ov", "fitter": "isomap", "passes_all": True, "gate_learned": True,
+                      "margin_over_raw": 0.2, "margin_over_random": 0.1234}}
+    line = screen_evidence(src)
+    assert "gates pass" in line and "learned passes" in line and "+0.200" in line and "+0.123" in line
+    src["screen"].update(gate_learned=float("nan"), margin_over_random=float("nan"), passes_all=False)
+    line = screen_evidence(src)
+    assert "learned not evaluated" in line and "n/a" in line and "gates fail" in line
+    assert screen_evidence({"type": "drift"}) == ""
