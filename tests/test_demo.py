@@ -26,7 +26,9 @@ def test_demo_quick_runs_every_stage(demo_dir):
         assert (demo_dir / fig).is_file(), fig
     bench = rep["stages"]["bench"]
     methods = {row["method"] for row in bench["summary"]}
-    assert {"sclens_extracted", "raw_log1p", "pca10", "dpt"} <= methods and not bench["skipped"]
+    assert {"sclens_extracted", "extracted_identity", "extracted_random", "raw_log1p", "pca10", "dpt"} <= methods
+    assert not bench["skipped"]
+    assert {a["question"] for a in bench["ablations"]} == {"model contribution", "adaptor cost"}
     assert all(c["reference"] == "sclens_extracted" for c in bench["comparisons"])
     comp = rep["stages"]["compress"]
     assert [r["variant"] for r in comp["compaction"]] == ["reference", "single_head", "rank8", "sparse"]

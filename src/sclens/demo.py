@@ -323,18 +323,24 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
                                                                                      "negative": ["CD4"]}),
                    Endpoint("pseudotime_depth", "depth", "depth")],
         donor_key="donor", label_key="cell_type", scheme="shuffle", n_splits=2 if quick else 3, seed=seed,
-        methods=["sclens_extracted", "raw_log1p", "pca10", "dpt"], adaptor_epochs=40 if quick else 120,
+        methods=["sclens_extracted", "extracted_identity", "extracted_random", "raw_log1p", "pca10", "dpt"],
+        random_control=1 if quick else 3, adaptor_epochs=40 if quick else 120,
         n_ref_cells=32 if quick else 128, title="demo campaign on the simulated cohort (SYNTHETIC)",
         notes=["SYNTHETIC data; fast methods only (the full campaigns: benchmarks/bench_campaigns.py)."])
     bres = run_campaign(sim, bcfg, model=model, name="demo", progress=True)
     bpaths = bres.save(out / "bench")
     report["stages"]["bench"] = {"data": "SYNTHETIC", "summary": bres.to_dict()["summary"],
-                                 "comparisons": bres.to_dict()["comparisons"], "skipped": bres.skipped,
+                                 "comparisons": bres.to_dict()["comparisons"], "ablations": bres.to_dict()["ablations"],
+                                 "skipped": bres.skipped,
                                  "runtime_seconds": bres.info["runtime_ratio"], "report": "bench/" + bpaths["html"].name}
     report["figures"]["bench_report"] = "bench/" + bpaths["html"].name
     head = bres.summary[bres.summary.metric.isin(["balanced_accuracy", "auroc", "abs_spearman"])]
     for (ep, metric), sub in head.groupby(["endpoint", "metric"], sort=False):
         con.print(f"{ep} {metric}: " + ", ".join(f"{r.method} {r['mean']:.3f}" for _, r in sub.iterrows()))
+    for _, r in bres.ablations.iterrows():
+        if r["metric"] in ("balanced_accuracy", "abs_spearman"):
+            con.print(f"control, {r['question']} ({r['method']} - {r['baseline']}), {r['endpoint']} {r['metric']}: "
+                      f"{r['mean_diff']:+.3f} (q {r['q']:.3g})")
     report["timings_s"]["bench"] = time.perf_counter() - t
 
     # 8. compression ------------------------------------------------------------------------
