@@ -37,7 +37,7 @@ import scipy.sparse as sp
 
 from . import __version__
 from .data import GenePanel, detect_value_kind, log_normalize, require_obs_columns
-from .errors import InputError
+from .errors import DATA_ERRORS, InputError
 from .utils import array_sha256, package_versions
 
 EndpointKind = Literal["binary", "multiclass", "depth"]
@@ -1093,10 +1093,6 @@ def campaign_inputs(adata: ad.AnnData, config: BenchConfig, model, *, layer: str
     return CampaignInputs(adata, panel, x, kind, donors, targets, stage_labels, mapped, splits, libsize)
 
 
-# what a method may raise on data it cannot handle; programming errors (TypeError, AttributeError...) still surface
-_METHOD_ERRORS = (ValueError, ArithmeticError, np.linalg.LinAlgError, RuntimeError, InputError)
-
-
 def _check_embedding(Z: np.ndarray, which: str) -> None:
     Z = np.asarray(Z)
     bad = int((~np.isfinite(Z)).sum()) if Z.dtype.kind == "f" else 0
@@ -1145,7 +1141,7 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
             skipped[mname] = str(exc)
             methods.pop(mname)
             continue
-        except _METHOD_ERRORS as exc:
+        except DATA_ERRORS as exc:
             skipped[mname] = f"failed while preparing: {type(exc).__name__}: {exc}"
             methods.pop(mname)
             continue
@@ -1192,7 +1188,7 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
                 methods.pop(mname)
                 bar.update(1)
                 continue
-            except _METHOD_ERRORS as exc:  # a method that breaks is reported as failed, with why; the others go on
+            except DATA_ERRORS as exc:  # a method that breaks is reported as failed, with why; the others go on
                 skipped[mname] = f"failed on split {sp_.index}: {type(exc).__name__}: {exc}"
                 methods.pop(mname)
                 bar.update(1)
@@ -1271,14 +1267,20 @@ def _summarise(scores: pd.DataFrame, endpoints, floors, ceilings) -> pd.DataFram
     return pd.DataFrame(out)
 
 
+def _tested_splits(scores: pd.DataFrame):
+    """(endpoint, metric, split x method table) for every tested metric; diagnostics (the library-size control)
+    are reported, not tested."""
+    tested = sum(METRICS.values(), ())
+    for (ep, metric), sub in scores.groupby(["endpoint", "metric"], sort=False):
+        if metric in tested:
+            yield ep, metric, sub.pivot_table(index="split", columns="method", values="value", dropna=False)
+
+
 def _compare(scores: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
     rows = []
     if reference not in set(scores.method):
         return pd.DataFrame(columns=["endpoint", "metric", "method", "p", "q"])
-    for (ep, metric), sub in scores.groupby(["endpoint", "metric"], sort=False):
-        if metric not in sum(METRICS.values(), ()):
-            continue  # diagnostics (library-size control) are reported, not tested
-        wide = sub.pivot_table(index="split", columns="method", values="value", dropna=False)
+    for ep, metric, wide in _tested_splits(scores):
         if reference not in wide:
             continue
         for other in wide.columns:
@@ -1301,11 +1303,7 @@ def ablations(scores: pd.DataFrame) -> pd.DataFrame:
     cols = ["question", "endpoint", "metric", "method", "baseline", "n", "mean_method", "mean_baseline", "mean_diff",
             "wins", "ties", "losses", "statistic", "p", "q", "verdict"]
     rows = []
-    metrics = sum(METRICS.values(), ())
-    for (ep, metric), sub in scores.groupby(["endpoint", "metric"], sort=False):
-        if metric not in metrics:
-            continue
-        wide = sub.pivot_table(index="split", columns="method", values="value", dropna=False)
+    for ep, metric, wide in _tested_splits(scores):
         for question, a, b in ABLATIONS:
             if a not in wide or b not in wide:
                 continue

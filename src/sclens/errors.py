@@ -24,6 +24,12 @@ class ArtifactError(SclensError, ValueError):
     """An extracted-algorithm file is corrupt, tampered with, or from an unsupported format version."""
 
 
+# what a numerical step (a fitter, a benchmarked method) may raise on data it cannot handle: reported as that step's
+# failure with its reason while the run goes on; programming errors (TypeError, AttributeError, ...) still surface.
+# ValueError covers InputError and numpy's LinAlgError.
+DATA_ERRORS = (ValueError, ArithmeticError, RuntimeError)
+
+
 def preview(items, limit: int = 8) -> str:
     """Format the first few items of a collection for an error message: ``'A', 'B', ... (+12 more)``."""
     items = list(items)

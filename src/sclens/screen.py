@@ -30,7 +30,7 @@ from scipy.stats import false_discovery_control
 
 from . import __version__
 from .anchors import Anchors
-from .errors import InputError
+from .errors import DATA_ERRORS, InputError
 from .manifold import (FITTERS, degenerate_reason, evaluate, fit_manifold, latent_distances, learned_statistic,
                        spearman_pairs, trustworthiness, twonn_dimension)
 from .operators import OperatorBank
@@ -122,10 +122,6 @@ def _features(anchors: Anchors, feat: str, bank: OperatorBank | None, layer: int
     return (X @ bank.unit(layer, head)).astype(np.float64)
 
 
-# a fitter call may still break on inputs the degeneracy check lets through; the row records why
-_FIT_ERRORS = (ValueError, ArithmeticError, np.linalg.LinAlgError, RuntimeError, InputError)
-
-
 def _min_distinct(n_anchors: int) -> int:
     return min(n_anchors, 6)
 
@@ -157,7 +153,7 @@ def _rows(cache_file: Path | None, key: str, F_args: tuple, fitters, base: dict,
         else:
             try:
                 row.update(fit_one(F, fitter))
-            except _FIT_ERRORS as exc:
+            except DATA_ERRORS as exc:  # what the degeneracy check lets through
                 row["failure"] = f"{fitter} failed: {type(exc).__name__}: {exc}"
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
