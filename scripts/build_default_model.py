@@ -23,6 +23,7 @@ Objective designs (``--design``; the ablation of issue 17 compares them with the
   mvc               masked values + MVC on the masked positions (the first default model)
   contrastive       + two-view InfoNCE on <cls> (T = 0.5), masking ratios drawn from {0.25, 0.5, 0.75}
   gepc_contrastive  whole-input decoding from <cls> (GEPC over every token, zeros included) + InfoNCE + drawn ratios
+  gepc_contrastive_genes  as gepc_contrastive, but the second view re-draws the cell's genes (not only the mask)
 
 ``--probe`` logs the learning probe (kNN / logistic balanced accuracy of <cls>) at every evaluation on the
 Zheng 2017 sorted populations (cells seen unlabelled in training; labels only for the probe).
@@ -118,6 +119,8 @@ DESIGNS = {
     "contrastive": dict(contrastive_weight=1.0, contrastive_temperature=0.5, mask_ratios=[0.25, 0.5, 0.75]),
     "gepc_contrastive": dict(mvc_scope="all", contrastive_weight=1.0, contrastive_temperature=0.5,
                              mask_ratios=[0.25, 0.5, 0.75]),
+    "gepc_contrastive_genes": dict(mvc_scope="all", contrastive_weight=1.0, contrastive_temperature=0.5,
+                                   contrastive_views="genes", mask_ratios=[0.25, 0.5, 0.75]),
 }
 
 
@@ -132,6 +135,7 @@ def main() -> None:
     ap.add_argument("--design", choices=sorted(DESIGNS), default="mvc", help="objective mix (see the docstring)")
     ap.add_argument("--train-seq-len", type=int, default=128)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (and probes)")
     ap.add_argument("--probe", action="store_true", help="log the learning probe at every evaluation")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -161,7 +165,7 @@ def main() -> None:
 
     cfg = PretrainConfig(n_layers=6, n_heads=8, d_model=128, d_hid=256, dropout=0.1, max_seq_len=1200,
                          train_seq_len=args.train_seq_len, zero_fraction=0.3, mask_ratio=0.4, mvc=True,
-                         batch_size=32, steps=args.steps, lr=1e-3, warmup_steps=100, eval_every=100, eval_cells=256,
+                         batch_size=32, steps=args.steps, lr=1e-3, warmup_steps=100, eval_every=args.eval_every, eval_cells=256,
                          seed=0, threads=args.threads, device=args.device, **DESIGNS[args.design])
     probe = None
     if args.probe:

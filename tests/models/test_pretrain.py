@@ -100,8 +100,27 @@ def test_cell_representation_objectives_run_and_are_logged(sim_small):
     assert float(masked_only) != float(every)
 
 
+def test_gene_resampled_views_share_cells_not_tokens(sim_small):
+    """contrastive_views='genes': the second view is another draw of the same cells' genes (not a re-mask)."""
+    from sclens.models.pretrain import _CellSampler, _step_losses
+
+    cfg = PretrainConfig(steps=1, seed=0, contrastive_weight=1.0, contrastive_views="genes", **{**CFG, "train_seq_len": 16})
+    X = __import__("scipy.sparse", fromlist=["csr_matrix"]).csr_matrix(sim_small.X)
+    model = pretrain_scgpt(sim_small, cfg, progress=False).model
+    ids = model.vocab.lookup(sim_small.var_names.astype(str))
+    keep = ids >= 0
+    seen = []
+    smp = _CellSampler([(X[:, keep], ids[keep])], cfg, model.vocab, np.random.default_rng(0))
+    original = smp.batch
+    smp.batch = lambda cells, ratio=None: seen.append(original(cells, ratio)) or seen[-1]
+    parts = _step_losses(model, smp, [(0, i) for i in range(6)], cfg)
+    assert len(seen) == 2 and np.isfinite(float(parts["contrastive"]))
+    (b1, _, _), (b2, _, _) = seen
+    assert not torch.equal(b1.gene_ids, b2.gene_ids)  # different gene samples of the same six cells
+
+
 def test_objective_settings_are_checked(sim_small):
     for bad in (dict(mvc_scope="everything"), dict(mvc=False, mvc_scope="all"), dict(mask_ratios=[0.5, 1.2]),
-                dict(contrastive_temperature=0.0)):
+                dict(contrastive_temperature=0.0), dict(contrastive_views="cells")):
         with pytest.raises(InputError):
             pretrain_scgpt(sim_small, PretrainConfig(steps=1, **{**CFG, **bad}), progress=False)

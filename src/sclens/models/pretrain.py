@@ -53,6 +53,9 @@ class PretrainConfig:
     mvc_weight: float = 1.0
     contrastive_weight: float = 0.0  # InfoNCE between the <cls> embeddings of two random-mask views of each cell
     contrastive_temperature: float = 0.5
+    contrastive_views: str = "mask"  # "mask": the second view re-masks the same tokens; "genes": it re-draws the
+    #                                  cell's genes (another sample of its expressed and zero genes) and the mask, so
+    #                                  the two views share no token list and <cls> cannot match them by gene identity
     batch_size: int = 32
     steps: int = 2000
     lr: float = 1e-3
@@ -76,6 +79,8 @@ class PretrainConfig:
             raise InputError(f"masking ratios must lie in (0, 1), got {ratios}")
         if self.contrastive_weight < 0 or self.contrastive_temperature <= 0:
             raise InputError("contrastive_weight must be >= 0 and contrastive_temperature > 0")
+        if self.contrastive_views not in ("mask", "genes"):
+            raise InputError(f"contrastive_views must be 'mask' or 'genes', got {self.contrastive_views!r}")
         if self.train_seq_len < 8:
             raise InputError("train_seq_len must be at least 8 tokens")
 
@@ -201,7 +206,10 @@ def _step_losses(model, sampler: "_CellSampler", cells, cfg: PretrainConfig) -> 
     mlm, mvc, cls = _losses(model, batch, target, masked, cfg.mvc_scope)
     out = {"mlm": mlm, "mvc": mvc, "contrastive": torch.zeros((), device=mlm.device)}
     if cfg.contrastive_weight > 0:
-        b2, t2, m2 = sampler.remask(batch.gene_ids, target, sampler.ratio())
+        if cfg.contrastive_views == "genes":
+            b2, t2, m2 = sampler.batch(cells, sampler.ratio())
+        else:
+            b2, t2, m2 = sampler.remask(batch.gene_ids, target, sampler.ratio())
         mlm2, mvc2, cls2 = _losses(model, b2, t2, m2, cfg.mvc_scope)
         out["mlm"], out["mvc"] = 0.5 * (mlm + mlm2), 0.5 * (mvc + mvc2)
         out["contrastive"] = info_nce(cls, cls2, cfg.contrastive_temperature)
