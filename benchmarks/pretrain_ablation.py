@@ -4,6 +4,7 @@
         --threads 1 --out /tmp/abl/DESIGN --probe            # once per design
     python benchmarks/pretrain_ablation.py /tmp/abl/mvc /tmp/abl/contrastive ... [--datasets kang2018,onek1k]
         [--n-cells 2000] [--out benchmarks/results]
+    python benchmarks/pretrain_ablation.py part1/pretrain_ablation.json part2/pretrain_ablation.json  # merge runs
 
 Writes ``pretrain_ablation.json`` and ``pretrain_ablation.md``: per candidate its design, training budget
 (steps, cells seen, seconds, threads; whether runs shared the machine is the caller's to say via ``--note``),
@@ -66,7 +67,8 @@ def table(rows: list[dict], datasets: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("candidates", nargs="+", type=Path, help="pretrained model folders (official layout + training_log.json)")
+    ap.add_argument("candidates", nargs="+", type=Path, help="pretrained model folders (official layout + training_log.json), or earlier "
+                    "pretrain_ablation.json files whose rows are merged as they are")
     ap.add_argument("--datasets", default="kang2018")
     ap.add_argument("--shared", type=Path, default=HERE.parent.parent / "shared")
     ap.add_argument("--n-cells", type=int, default=2000)
@@ -74,7 +76,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
     datasets = args.datasets.split(",")
-    rows = [candidate_row(p, datasets, args.shared, args.n_cells) for p in args.candidates]
+    rows = []
+    for p in args.candidates:  # a model folder is probed; an earlier pretrain_ablation.json contributes its rows
+        rows += (json.loads(p.read_text())["candidates"] if p.suffix == ".json"
+                 else [candidate_row(p, datasets, args.shared, args.n_cells)])
     out = {"datasets": datasets, "n_cells": args.n_cells, "note": args.note, "candidates": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pretrain_ablation.json").write_text(json.dumps(out, indent=1))

@@ -332,7 +332,12 @@ def pretrain_scgpt(
                         **({"contrastive": parts["contrastive"].item()} if cfg.contrastive_weight > 0 else {})})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             evals.append({"step": step + 1, **evaluate()})
-            bar.set_postfix(train=f"{mlm.item():.2f}", eval_mlm=f"{evals[-1]['mlm']:.2f}")
+            post = {"train": f"{mlm.item():.2f}", "eval_mlm": f"{evals[-1]['mlm']:.2f}"}
+            if cfg.contrastive_weight > 0:
+                post["nce"] = f"{np.mean([h['contrastive'] for h in history[-cfg.eval_every:]]):.3f}"
+            if "probe_knn_balanced_accuracy" in evals[-1]:
+                post["probe_knn"] = f"{evals[-1]['probe_knn_balanced_accuracy']:.3f}"
+            bar.set_postfix(post)
     train_seconds = time.perf_counter() - t0
     model.eval()
 
