@@ -26,6 +26,7 @@ Objective designs (``--design``; the ablation of issue 17 compares them with the
   gepc_contrastive_genes  as gepc_contrastive, but the second view re-draws the cell's genes (not only the mask)
   balanced          gepc_contrastive_genes with the two regression terms weighted 0.02 (MSE on bins ~170 vs
                     InfoNCE ~3.5: unweighted, the contrastive gradient is ~1 % of the clipped update)
+  balanced_per_source  balanced, with every batch drawn from one source (negatives share the data set)
 
 ``--probe`` logs the learning probe (kNN / logistic balanced accuracy of <cls>) at every evaluation on the
 Zheng 2017 sorted populations (cells seen unlabelled in training; labels only for the probe).
@@ -154,6 +155,11 @@ DESIGNS = {
     # clipped to norm 1 the contrastive term is drowned out unless they are scaled down to its size
     "balanced": dict(mvc_scope="all", contrastive_weight=1.0, contrastive_temperature=0.5, contrastive_views="genes",
                      mask_ratios=[0.25, 0.5, 0.75], mlm_weight=0.02, mvc_weight=0.02),
+    # 'balanced' learns to match views by their source (10 data sets; the <cls> effective rank falls to ~9):
+    # with every batch from one source, the negatives share it
+    "balanced_per_source": dict(mvc_scope="all", contrastive_weight=1.0, contrastive_temperature=0.5,
+                                contrastive_views="genes", mask_ratios=[0.25, 0.5, 0.75], mlm_weight=0.02,
+                                mvc_weight=0.02, source_batches=True),
 }
 
 

@@ -124,3 +124,23 @@ def test_objective_settings_are_checked(sim_small):
                 dict(contrastive_temperature=0.0), dict(contrastive_views="cells")):
         with pytest.raises(InputError):
             pretrain_scgpt(sim_small, PretrainConfig(steps=1, **{**CFG, **bad}), progress=False)
+
+
+def test_source_batches_draw_every_batch_from_one_source(sim_small):
+    """source_batches=True: the cells of a batch (and so the contrastive negatives) come from one data set."""
+    import scipy.sparse as sp
+
+    from sclens.models.pretrain import _CellSampler
+
+    X = sp.csr_matrix(sim_small.X)
+    ids = np.arange(X.shape[1])
+    halves = [(X[:60], ids), (X[60:], ids)]
+    for flag, expect_mixed in ((True, False), (False, True)):
+        cfg = PretrainConfig(source_batches=flag, **CFG)
+        smp = _CellSampler(halves, cfg, None, np.random.default_rng(0))
+        draws = [smp.draw(16) for _ in range(20)]
+        mixed = [len({s for s, _ in d}) > 1 for d in draws]
+        assert any(mixed) == expect_mixed
+        if flag:
+            assert {d[0][0] for d in draws} == {0, 1}  # both sources still get batches
+            assert all(len({r for _, r in d}) == len(d) for d in draws)  # no cell twice in a batch

@@ -56,6 +56,9 @@ class PretrainConfig:
     contrastive_views: str = "mask"  # "mask": the second view re-masks the same tokens; "genes": it re-draws the
     #                                  cell's genes (another sample of its expressed and zero genes) and the mask, so
     #                                  the two views share no token list and <cls> cannot match them by gene identity
+    source_batches: bool = False  # draw every batch from one training source (data set), so that the contrastive
+    #                               negatives share the source and the source (depth, gene set, chemistry) cannot
+    #                               tell the views apart: only what differs between the cells of one data set can
     batch_size: int = 32
     steps: int = 2000
     lr: float = 1e-3
@@ -167,6 +170,10 @@ class _CellSampler:
 
     def draw(self, n: int) -> list[tuple[int, int]]:
         p = self.sizes / self.sizes.sum()
+        if self.cfg.source_batches:
+            s = int(self.rng.choice(len(self.sources), p=p))
+            rows = self.rng.choice(self.sizes[s], size=min(n, int(self.sizes[s])), replace=False)
+            return [(s, int(r)) for r in rows]
         src = self.rng.choice(len(self.sources), size=n, p=p)
         return [(int(s), int(self.rng.integers(self.sizes[s]))) for s in src]
 
