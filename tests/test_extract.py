@@ -127,6 +127,19 @@ def test_adaptor_learns_the_ruler_better_than_its_pca_start(cohort, banks):
     assert m.manifest["metrics"].keys() == {"in_sample"}
 
 
+def test_zero_epochs_keep_the_pca_start_and_negative_epochs_are_refused(cohort, banks):
+    """epochs=0 is honoured (it used to fall back to 120): the adaptor is the top-d PCs of the z-scored features."""
+    op = ex.select_operator(banks, unit=(1, 0), kind="ov")
+    kw = dict(label_key="cell_type", donor_key="donor", holdout_fraction=0, progress=False, n_perm=0)
+    m = ex.extract(cohort, op, epochs=0, **kw)
+    assert m.adaptor.info["epochs"] == 0 and m.adaptor.info["loss_history"] == []
+    W = m.adaptor.weight.astype(np.float64)
+    assert np.allclose(W @ W.T, np.eye(W.shape[0]), atol=1e-5)  # orthonormal rows: untouched principal axes
+    for bad, adaptor in ((-1, "cell"), (0, "let")):
+        with pytest.raises(InputError, match="epochs"):
+            ex.extract(cohort, op, epochs=bad, adaptor=adaptor, **kw)
+
+
 def test_let_adaptor_is_the_screen_let_as_a_linear_map(cohort, banks):
     from sclens.anchors import build_anchors
     from sclens.manifold import fit_manifold

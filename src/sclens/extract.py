@@ -813,17 +813,22 @@ def extract(
     x_need = panel_rows(adata, operator.panel, need, layer=layer)
     pos = {c: i for i, c in enumerate(need)}
     x_bal, x_ro = x_need[[pos[c] for c in bal]], x_need[[pos[c] for c in ro]]
+    if epochs is not None and (epochs < 0 or (adaptor == "let" and epochs < 1)):
+        raise InputError(f"epochs must be >= 0 (>= 1 for the LET adaptor; 0 keeps the cell adaptor at its PCA "
+                         f"start), got {epochs}")
     if adaptor == "let":
         from .anchors import build_anchors
 
         sub = adata[train_idx]
         anchors = build_anchors(sub, operator.panel, label_key=label_key, donor_key=donor_key, tissue_key=tissue_key,
                                 dag=dag, min_cells=min_cells, seed=seed, layer=layer)
-        ad_model = fit_let_adaptor(operator.features(anchors.X), anchors.ruler, d=d, seed=seed, epochs=epochs or 150)
+        ad_model = fit_let_adaptor(operator.features(anchors.X), anchors.ruler, d=d, seed=seed,
+                                   epochs=150 if epochs is None else epochs)
     else:
         F_bal = operator.features(x_bal)
         sidx = np.array([dag.index[s] for s in stages[bal]])
-        ad_model = train_cell_adaptor(F_bal, sidx, dag.ruler_matrix, d=d, epochs=epochs or 120, batch_size=batch_size,
+        ad_model = train_cell_adaptor(F_bal, sidx, dag.ruler_matrix, d=d, epochs=120 if epochs is None else epochs,
+                                      batch_size=batch_size,
                                       weights=loss_weights, seed=seed, progress=progress)
     model = ExtractedModel(operator, ad_model, {})
     Z_ro = model.latent(x_ro)
