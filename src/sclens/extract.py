@@ -794,6 +794,9 @@ def extract(
     t0 = time.perf_counter()
     if adaptor not in ("cell", "let"):
         raise InputError(f"adaptor must be 'cell' or 'let', got {adaptor!r}")
+    if epochs is not None and (epochs < 0 or (adaptor == "let" and epochs < 1)):
+        raise InputError(f"epochs must be >= 0 (>= 1 for the LET adaptor; 0 keeps the cell adaptor at its PCA "
+                         f"start), got {epochs}")
     dag = dag or StageDAG.default()
     require_obs_columns(adata, [label_key, donor_key, tissue_key])
     mapping = dag.map_labels(adata.obs[label_key].astype(str))
@@ -813,9 +816,6 @@ def extract(
     x_need = panel_rows(adata, operator.panel, need, layer=layer)
     pos = {c: i for i, c in enumerate(need)}
     x_bal, x_ro = x_need[[pos[c] for c in bal]], x_need[[pos[c] for c in ro]]
-    if epochs is not None and (epochs < 0 or (adaptor == "let" and epochs < 1)):
-        raise InputError(f"epochs must be >= 0 (>= 1 for the LET adaptor; 0 keeps the cell adaptor at its PCA "
-                         f"start), got {epochs}")
     if adaptor == "let":
         from .anchors import build_anchors
 
