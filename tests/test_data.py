@@ -85,6 +85,17 @@ def test_genes_outside_the_vocabulary():
         harmonize_gene_ids(a, vocabulary=["CD3E", "MS4A1", "CD79A"])
 
 
+def test_small_vocabulary_covered_by_the_data():
+    """A small vocabulary (e.g. highly variable genes) that the data covers passes even though most of the
+    data's genes are outside it; one the data barely covers still fails."""
+    genes = [f"G{i}" for i in range(100)]
+    a = _adata(np.ones((2, 100)), genes)
+    out = harmonize_gene_ids(a, vocabulary=["<pad>", "<cls>", *genes[:10], "OTHER"])  # 10 of 11 vocab genes
+    assert out.n_vars == 100
+    with pytest.raises(InputError, match="10% of the 100 genes.*9% of the vocabulary's 110 genes"):
+        harmonize_gene_ids(a, vocabulary=genes[:10] + [f"X{i}" for i in range(100)])
+
+
 def test_var_key_choice():
     a = _adata(np.ones((2, 2)), ["x1", "x2"])
     a.var["gene_ids"] = ["ENSG00000198851", "ENSG00000156738"]

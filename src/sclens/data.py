@@ -147,11 +147,16 @@ def harmonize_gene_ids(
             "sum or drop duplicates first (e.g. adata = adata[:, ~adata.var_names.duplicated()])"
         )
     if vocabulary is not None:
-        vocab = set(vocabulary)
-        matched = np.isin(out.var_names, list(vocab)).mean()
-        if matched < min_matched:
+        # either most of the data's genes are in the vocabulary, or (a small vocabulary, e.g. highly variable
+        # genes) most of the vocabulary is in the data; neither means the ids do not match (e.g. mouse symbols)
+        vocab = {str(g) for g in vocabulary if not str(g).startswith("<")}  # specials (<pad>, <cls>) are no genes
+        in_vocab = np.isin(out.var_names, list(vocab))
+        matched = in_vocab.mean()
+        covered = in_vocab.sum() / max(len(vocab), 1)
+        if matched < min_matched and covered < min_matched:
             raise InputError(
-                f"only {matched:.0%} of the {out.n_vars} genes are in the model vocabulary (need {min_matched:.0%}); "
+                f"only {matched:.0%} of the {out.n_vars} genes are in the model vocabulary and only {covered:.0%} of "
+                f"the vocabulary's {len(vocab)} genes are in the data (need {min_matched:.0%} of either); "
                 f"unmatched e.g. {preview([g for g in out.var_names if g not in vocab], 5)}. "
                 "Vocabularies use case-sensitive human HGNC symbols; mouse symbols must be mapped first"
             )
