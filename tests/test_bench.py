@@ -262,7 +262,7 @@ def test_control_rows_identity_and_random_operators_with_ablation_tests(tmp_path
     a = _toy(n_donors=5, per=36)
     eps = [Endpoint("cd8", "binary", "annot", positive=["CD8 T cells"], negative=["CD4 T cells"]),
            Endpoint("types", "multiclass", "annot")]
-    cfg = BenchConfig(endpoints=eps, donor_key="individual", label_key="annot", n_splits=4, seed=0, adaptor_epochs=3,
+    cfg = BenchConfig(endpoints=eps, donor_key="individual", label_key="annot", n_splits=4, seed=0,
                       n_ref_cells=8, random_control=2,
                       stage_map={"CD4 T cells": "Naive CD4 T", "CD8 T cells": "Naive CD8 T", "B cells": "Naive B"},
                       methods=["sclens_extracted", "extracted_identity", "extracted_random", "pca10"])
@@ -290,9 +290,17 @@ def test_control_rows_identity_and_random_operators_with_ablation_tests(tmp_path
     wide = res.scores.query("endpoint == 'cd8' and metric == 'auroc'").pivot(index="split", columns="method", values="value")
     assert row["mean_diff"] == pytest.approx(float((wide["extracted_identity"] - wide["pca10"]).mean()))
     assert ab["q"].notna().all() and (ab["q"] >= ab["p"] - 1e-12).all()
+    # the manifold beside the endpoints: every extracted row, every split; reported, never tested
+    diag = res.scores[res.scores.endpoint == bench.DIAGNOSTICS]
+    assert set(diag.method) == {"sclens_extracted", "extracted_identity", "extracted_random"}
+    assert set(diag.metric) == {"trustworthiness", "heldout_ruler_spearman"}
+    assert len(diag) == 3 * 2 * 4 and diag.query("metric == 'trustworthiness'")["value"].between(0, 1).all()
+    assert bench.DIAGNOSTICS not in set(ab.endpoint) and bench.DIAGNOSTICS not in set(res.comparisons.endpoint)
+    assert (res.summary.query("endpoint == @bench.DIAGNOSTICS")["kind"] == "diagnostic").all()
     out = res.save(tmp_path)
     md = out["md"].read_text()
     assert "**Controls**" in md and "model contribution" in md and "adaptor cost" in md
+    assert "**manifold · trustworthiness** (diagnostic" in md
     again = bench.BenchResult.from_json(out["json"])
     assert len(again.ablations) == len(ab)
     # K = 0 skips the random control with its reason

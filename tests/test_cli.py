@@ -88,7 +88,7 @@ def test_export_operators_then_screen(tmp_path):
     art = tmp_path / "head.safetensors"
     r = runner.invoke(app, ["extract", str(tmp_path / "cells.h5ad"), "--operators", str(tmp_path / "ops"), "-o", str(art),
                             "--label-key", "cell_type", "--donor-key", "donor", "--from-screen", str(tmp_path / "scr"),
-                            "--epochs", "20"])
+                            "--adaptor", "cell", "--epochs", "20"])
     assert r.exit_code == 0, r.output
     assert "operator: ov L0H2" in r.output and art.is_file()
     r = runner.invoke(app, ["inspect", str(art)])

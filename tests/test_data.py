@@ -94,6 +94,11 @@ def test_small_vocabulary_covered_by_the_data():
     assert out.n_vars == 100
     with pytest.raises(InputError, match="10% of the 100 genes.*9% of the vocabulary's 110 genes"):
         harmonize_gene_ids(a, vocabulary=genes[:10] + [f"X{i}" for i in range(100)])
+    # a preprocessed subset of genes against a larger vocabulary: many genes shared, both shares low -> a warning
+    big = _adata(np.ones((2, 1000)), [f"G{i}" for i in range(1000)])
+    with pytest.warns(UserWarning, match="the model sees 300 of the data's genes"):
+        out = harmonize_gene_ids(big, vocabulary=[f"G{i}" for i in range(300)] + [f"X{i}" for i in range(700)])
+    assert out.n_vars == 1000
 
 
 def test_var_key_choice():

@@ -45,7 +45,7 @@ def banks(cohort):
 @pytest.fixture(scope="module")
 def extracted(cohort, banks):
     op = ex.select_operator(banks, unit=(1, 0), kind="ov")
-    return ex.extract(cohort, op, label_key="cell_type", donor_key="donor", tissue_key="tissue", epochs=30,
+    return ex.extract(cohort, op, label_key="cell_type", donor_key="donor", tissue_key="tissue",
                       n_perm=200, progress=False)
 
 
@@ -105,7 +105,8 @@ def test_extract_reports_parameters_and_honest_holdout(extracted, cohort):
     F = extracted.operator.n_features
     assert extracted.adaptor.d == 10
     nt = extracted.n_trainable()
-    assert nt["adaptor"] == 10 * F + F + 1  # W, b, beta
+    assert extracted.adaptor.kind == "ruler"  # the default: closed form
+    assert nt["adaptor"] == 10 * F + 10 + F + 2  # W, bias, feature mean, global scale, beta
     assert nt["readout.pseudotime"] == 11 and nt["readout.branch"] == 11 * len(extracted.readouts["branch"].classes)
     held, train = m["split"]["held_out_donors"], m["split"]["train_donors"]
     assert held and not set(held) & set(train)
@@ -120,8 +121,8 @@ def test_extract_reports_parameters_and_honest_holdout(extracted, cohort):
 def test_adaptor_learns_the_ruler_better_than_its_pca_start(cohort, banks):
     """The cell-trained adaptor's stage term must fall well below where it starts."""
     op = ex.select_operator(banks, unit=(1, 0), kind="ov")
-    m = ex.extract(cohort, op, label_key="cell_type", donor_key="donor", epochs=40, holdout_fraction=0, progress=False,
-                   n_perm=100)
+    m = ex.extract(cohort, op, label_key="cell_type", donor_key="donor", adaptor="cell", epochs=40, holdout_fraction=0,
+                   progress=False, n_perm=100)
     hist = m.adaptor.info
     assert hist["history_last"]["stage"] < 0.5 * hist["history_first"]["stage"]
     assert m.manifest["metrics"].keys() == {"in_sample"}
@@ -131,13 +132,74 @@ def test_zero_epochs_keep_the_pca_start_and_negative_epochs_are_refused(cohort, 
     """epochs=0 is honoured (it used to fall back to 120): the adaptor is the top-d PCs of the z-scored features."""
     op = ex.select_operator(banks, unit=(1, 0), kind="ov")
     kw = dict(label_key="cell_type", donor_key="donor", holdout_fraction=0, progress=False, n_perm=0)
-    m = ex.extract(cohort, op, epochs=0, **kw)
+    m = ex.extract(cohort, op, adaptor="cell", epochs=0, **kw)
     assert m.adaptor.info["epochs"] == 0 and m.adaptor.info["loss_history"] == []
     W = m.adaptor.weight.astype(np.float64)
     assert np.allclose(W @ W.T, np.eye(W.shape[0]), atol=1e-5)  # orthonormal rows: untouched principal axes
-    for bad, adaptor in ((-1, "cell"), (0, "let")):
+    for bad, adaptor in ((-1, "cell"), (0, "let"), (10, "ruler")):
         with pytest.raises(InputError, match="epochs"):
             ex.extract(cohort, op, epochs=bad, adaptor=adaptor, **kw)
+
+
+def test_sphere_targets_fit_the_ruler():
+    """The stages' sphere points reproduce the DAG ruler: unit norm, beta·angle close to the hop distances."""
+    from scipy.stats import spearmanr
+
+    from sclens.ontology import StageDAG
+
+    R = StageDAG.default().ruler_matrix[:12, :12]
+    U, beta, mse = ex.sphere_ruler_targets(R, 9, seed=0)
+    assert U.shape == (12, 9) and np.allclose(np.linalg.norm(U, axis=1), 1)
+    A = beta * np.arccos(np.clip(U @ U.T, -1, 1))
+    iu = np.triu_indices(12, 1)
+    assert spearmanr(A[iu], R[iu]).statistic > 0.9 and mse < 0.5
+    U2, beta2, _ = ex.sphere_ruler_targets(R, 9, seed=0)
+    assert np.array_equal(U, U2) and beta == beta2  # seeded: same input, same targets
+    with pytest.raises(InputError, match="2 stages"):
+        ex.sphere_ruler_targets(R[:1, :1], 3)
+
+
+def test_ruler_adaptor_keeps_the_stages_and_the_ruler(cohort, banks):
+    """Closed form on the identity: deterministic, one global scale (no z-scoring), stage centroids' angles follow
+    the ruler, and a linear probe separates the stages at least as well as on PCA-d of the same cells."""
+    from scipy.stats import spearmanr
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from sclens.ontology import StageDAG
+
+    dag = StageDAG.default()
+    panel = ex.select_operator(banks, unit=(1, 0), kind="ov").panel
+    x = ex.panel_rows(cohort, panel, np.arange(cohort.n_obs))
+    stages = dag.map_labels(cohort.obs["cell_type"].astype(str)).stage.to_numpy(dtype=object)
+    sidx = np.array([dag.index[s] if isinstance(s, str) else -1 for s in stages])
+    a = ex.fit_ruler_adaptor(x, sidx, dag.ruler_matrix, d=10, seed=3)
+    b = ex.fit_ruler_adaptor(x, sidx, dag.ruler_matrix, d=10, seed=3)
+    assert a.kind == "ruler" and np.array_equal(a.weight, b.weight) and a.beta == b.beta
+    assert np.unique(a.scale).size == 1  # one global scale: no per-gene z-scoring
+    k = a.info["k_ruler"]
+    assert k == min(a.info["n_stages"] - 1, 10) and k >= 3
+    Z = a.transform(x)
+    ok = sidx >= 0
+    st = np.unique(sidx[ok])
+    C = np.stack([Z[sidx == s].mean(0) for s in st])
+    C /= np.linalg.norm(C, axis=1, keepdims=True)
+    D = a.beta * np.arccos(np.clip(C @ C.T, -1, 1))
+    R = dag.ruler_matrix[np.ix_(st, st)]
+    iu = np.triu_indices(len(st), 1)
+    assert spearmanr(D[iu], R[iu]).statistic > 0.7
+    assert np.sqrt((Z**2).mean()) == pytest.approx(1, rel=0.05)  # unit RMS latent (angles are scale-free)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))  # the bench's shared readouts
+    acc_ruler = cross_val_score(clf, Z[ok], sidx[ok], cv=3).mean()
+    acc_pca = cross_val_score(clf, PCA(10, random_state=0).fit_transform(x)[ok], sidx[ok], cv=3).mean()
+    assert acc_ruler >= acc_pca - 0.02
+    one = ex.fit_ruler_adaptor(x, np.where(ok, st[0], -1), dag.ruler_matrix, d=4, seed=0)  # one stage: PCA
+    assert one.info["k_ruler"] == 0 and one.weight.shape == (4, x.shape[1])
+    with pytest.raises(InputError, match="pc_weight"):
+        ex.fit_ruler_adaptor(x, sidx, dag.ruler_matrix, pc_weight=-1)
 
 
 def test_let_adaptor_is_the_screen_let_as_a_linear_map(cohort, banks):

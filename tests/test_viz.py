@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
     op = select_operator(banks, unit=(0, 1))
     paths = []
     for name, o in (("head", op), ("rank4", op.low_rank(4))):
-        m = extract(sim, o, label_key="cell_type", donor_key="donor", epochs=3, progress=False, n_perm=0,
+        m = extract(sim, o, label_key="cell_type", donor_key="donor", progress=False, n_perm=0,
                     holdout_fraction=0)
         paths.append(m.save(tmp / f"{name}.safetensors"))
     sim.write_h5ad(tmp / "sim.h5ad")

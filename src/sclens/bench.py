@@ -44,6 +44,7 @@ EndpointKind = Literal["binary", "multiclass", "depth"]
 METRICS: dict[str, tuple[str, ...]] = {"binary": ("auroc", "balanced_accuracy"),
                                        "multiclass": ("balanced_accuracy", "macro_f1"),
                                        "depth": ("abs_spearman",)}
+DIAGNOSTICS = "manifold"  # the endpoint name under which per-split diagnostics are stored (reported, not tested)
 ROOT_MARKERS = ("CD34", "PROM1", "SPINK2", "CRHBP", "HLF", "AVP", "MEIS1", "Cd34", "Kit", "Flt3")
 log = logging.getLogger(__name__)
 
@@ -169,10 +170,17 @@ class BenchConfig:
     operator: str = "drift"
     n_ref_cells: int = 128
     scvi_epochs: int = 100
-    adaptor_epochs: int | None = None
+    adaptor: str = "ruler"  # the extracted method's adaptor: "ruler" (closed form), "cell" (trained) or "let"
+    adaptor_epochs: int | None = None  # training epochs of the "cell" / "let" adaptor (the ruler adaptor has none)
     random_control: int = 3  # random-weights copies behind extracted_random (split i uses copy i mod K); 0 skips it
     title: str = ""
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        from .extract import ADAPTORS
+
+        if self.adaptor not in ADAPTORS:
+            raise InputError(f"adaptor must be one of {list(ADAPTORS)}, got {self.adaptor!r}")
 
 
 def read_bench_config(path: str | Path, **overrides) -> BenchConfig:
@@ -481,6 +489,10 @@ class Method:
     def embed_or_predict(self, cells: Cells, idx: np.ndarray) -> dict:
         raise NotImplementedError
 
+    def diagnostics(self, test: Cells) -> dict[str, float]:
+        """Per-split diagnostics on the test cells beside the endpoint scores (reported, not tested); none by default."""
+        return {}
+
 
 def root_cell(train: Cells, depth: np.ndarray | None) -> int:
     """Documented root rule (training cells only): lowest depth level, then highest progenitor-marker score,
@@ -568,6 +580,39 @@ class ExtractedMethod(Method):
     def embed_or_predict(self, cells, idx):
         return {"embedding": self.extracted.latent(cells.x)}
 
+    def diagnostics(self, test):
+        """The manifold beside the endpoints: trustworthiness (k = 15) of the latent against the operator features
+        on up to 1,000 test cells, and the held-out ruler Spearman (latent angular distances of the test donors'
+        anchors against the DAG ruler)."""
+        return manifold_diagnostics(self.extracted, test, self.config.seed)
+
+
+def manifold_diagnostics(model, test: "Cells", seed: int, max_cells: int = 1000) -> dict[str, float]:
+    """Trustworthiness and held-out ruler Spearman of an extracted model on test cells (NaN where undefined,
+    e.g. fewer than 3 mapped stages among the test cells)."""
+    from .anchors import build_anchors
+    from .manifold import spearman_pairs, trustworthiness
+
+    out = {"trustworthiness": float("nan"), "heldout_ruler_spearman": float("nan")}
+    F = model.operator.features(test.x)
+    if len(F) > 15 * 2 + 1:
+        rng = np.random.default_rng(seed)
+        s = np.sort(rng.choice(len(F), size=min(max_cells, len(F)), replace=False))
+        out["trustworthiness"] = trustworthiness(F[s], model.adaptor.transform(F[s]))
+    obs = test.adata.obs.copy()
+    obs["_sclens_stage_label"] = test.stage_labels
+    a = ad.AnnData(test.adata.X, obs=obs, var=pd.DataFrame(index=test.adata.var_names))
+    try:
+        anchors = build_anchors(a, test.panel, label_key="_sclens_stage_label", dag=model.dag,
+                                donor_key="_donor" if "_donor" in obs else None, min_cells=5, seed=seed)
+    except InputError:
+        return out
+    if anchors.obs["stage"].nunique() >= 3:
+        Z = model.adaptor.transform(model.operator.features(anchors.X))
+        R = model.dag.ruler_matrix[np.ix_(anchors.stage_index, anchors.stage_index)]
+        out["heldout_ruler_spearman"] = spearman_pairs(model.adaptor.angular_distances(Z), R)
+    return out
+
 
 def fit_extracted(train: "Cells", operator, config: BenchConfig, **extract_kw):
     """Stages 2 and 3 (:func:`sclens.extract.extract`) on a split's training cells, their DAG stage labels as
@@ -577,9 +622,10 @@ def fit_extracted(train: "Cells", operator, config: BenchConfig, **extract_kw):
     obs = train.adata.obs.copy()
     obs["_sclens_stage_label"] = train.stage_labels
     a = ad.AnnData(train.adata.X, obs=obs, var=pd.DataFrame(index=train.adata.var_names))
+    epochs = None if config.adaptor == "ruler" else config.adaptor_epochs
     return extract(a, operator, label_key="_sclens_stage_label", donor_key="_donor" if "_donor" in obs else None,
-                   holdout_fraction=0.0, seed=config.seed, epochs=config.adaptor_epochs, progress=False, n_perm=0,
-                   **extract_kw)
+                   holdout_fraction=0.0, seed=config.seed, adaptor=config.adaptor, epochs=epochs, progress=False,
+                   n_perm=0, **extract_kw)
 
 
 class ExtractedIdentityMethod(ExtractedMethod):
@@ -1193,6 +1239,9 @@ def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: st
                 methods.pop(mname)
                 bar.update(1)
                 continue
+            for metric, v in m.diagnostics(test).items():
+                rows.append({"split": sp_.index, "method": mname, "endpoint": DIAGNOSTICS, "metric": metric,
+                             "value": v, "test_groups": ",".join(sp_.test_groups)})
             runtime += [{"method": mname, "split": sp_.index, "stage": "fit", "seconds": t1 - t0},
                         {"method": mname, "split": sp_.index, "stage": "embed/predict", "seconds": t2 - t1},
                         {"method": mname, "split": sp_.index, "stage": "readouts", "seconds": t3 - t2}]
@@ -1264,6 +1313,14 @@ def _summarise(scores: pd.DataFrame, endpoints, floors, ceilings) -> pd.DataFram
             for r in rows_ep:
                 r["saturated"] = saturated
             out += rows_ep
+    diag = scores[scores.endpoint == DIAGNOSTICS]
+    for (metric, mname), g in diag.groupby(["metric", "method"], sort=False):
+        m, lo, hi = mean_ci(g["value"])
+        out.append({"endpoint": DIAGNOSTICS, "kind": "diagnostic", "metric": metric, "method": mname, "mean": m,
+                    "ci_low": lo, "ci_high": hi, "n_splits": int(g["value"].notna().sum()),
+                    "fraction_of_ceiling": float("nan"), "floor": float("nan"),
+                    "floor_rule": "diagnostic of the extracted manifold (reported, not tested)", "ceiling": float("nan"),
+                    "saturated": False})
     return pd.DataFrame(out)
 
 

@@ -32,7 +32,12 @@ def summary_markdown(result) -> str:
     s = result.summary
     for (ep, metric), sub in s.groupby(["endpoint", "metric"], sort=False):
         first = sub.iloc[0]
-        extra = f"ceiling {_fmt(first['ceiling'])}" if first["kind"] == "depth" else f"floor {_fmt(first['floor'])} ({first['floor_rule']})"
+        if first["kind"] == "diagnostic":
+            extra = first["floor_rule"]
+        elif first["kind"] == "depth":
+            extra = f"ceiling {_fmt(first['ceiling'])}"
+        else:
+            extra = f"floor {_fmt(first['floor'])} ({first['floor_rule']})"
         sat = " — **saturated**: no win claimed" if first["saturated"] else ""
         lines += [f"**{ep} · {metric}** ({extra}{sat})", "", "| method | mean | 95% CI | splits |", "|---|---|---|---|"]
         for _, r in sub.sort_values("mean", ascending=False).iterrows():

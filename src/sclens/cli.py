@@ -375,9 +375,10 @@ def extract_cmd(
     drift: bool = typer.Option(False, help="Use the drift featurisation of the kind."),
     from_screen: Optional[Path] = typer.Option(None, help="Take the top operator hypothesis of this screen report folder."),
     rank: Optional[int] = typer.Option(None, help="Replace the operator by its truncated SVD of this rank."),
-    adaptor: str = typer.Option("cell", help="'cell' (cell-trained, default) or 'let' (anchor-trained)."),
+    adaptor: str = typer.Option("ruler", help="'ruler' (closed form on all training cells, default), 'cell' "
+                                "(trained on stage-balanced cells) or 'let' (anchor-trained)."),
     d: int = typer.Option(10, help="Latent dimension."),
-    epochs: Optional[int] = typer.Option(None, help="Adaptor epochs (cell: 120, let: 150)."),
+    epochs: Optional[int] = typer.Option(None, help="Adaptor epochs of 'cell' (120) or 'let' (150); 'ruler' has none."),
     holdout_fraction: float = typer.Option(0.2, help="Share of donors held out for the reported metrics."),
     dag: Optional[Path] = typer.Option(None, help="A stage DAG YAML (default: the shipped hematopoiesis DAG)."),
     seed: int = typer.Option(0), var_key: Optional[str] = typer.Option(None), layer: Optional[str] = typer.Option(None),
@@ -485,7 +486,9 @@ def bench_cmd(
     n_splits: Optional[int] = typer.Option(None, help="Number of splits (default 12; loo: one per donor)."),
     seed: Optional[int] = typer.Option(None), var_key: Optional[str] = typer.Option(None, help="var column with gene ids."),
     operator: Optional[str] = typer.Option(None, help="Extracted operator: 'drift' (default) or 'L<l>H<h>'."),
-    scvi_epochs: Optional[int] = typer.Option(None), adaptor_epochs: Optional[int] = typer.Option(None),
+    scvi_epochs: Optional[int] = typer.Option(None),
+    adaptor: Optional[str] = typer.Option(None, help="Extracted adaptor: 'ruler' (default), 'cell' or 'let'."),
+    adaptor_epochs: Optional[int] = typer.Option(None, help="Epochs of the 'cell' / 'let' adaptor."),
     model: Optional[Path] = typer.Option(None, help="Checkpoint dir (default: embedded model)."),
     name: Optional[str] = typer.Option(None, help="Campaign name (default: the data file's stem)."),
     layer: Optional[str] = typer.Option(None),
@@ -498,7 +501,7 @@ def bench_cmd(
 
     try:
         overrides = dict(donor_key=donor_key, label_key=label_key, scheme=scheme, n_splits=n_splits, seed=seed,
-                         var_key=var_key, operator=operator, scvi_epochs=scvi_epochs, adaptor_epochs=adaptor_epochs,
+                         var_key=var_key, operator=operator, scvi_epochs=scvi_epochs, adaptor=adaptor, adaptor_epochs=adaptor_epochs,
                          methods=_split(methods) if methods else None, test_sources=list(test_source) or None,
                          random_control=random_control)
         cli_eps = []

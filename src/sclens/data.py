@@ -116,6 +116,9 @@ def gene_symbols(ids: Sequence[str], *, min_matched: float = 0.5, hint_columns: 
     return pd.Index([s if s is not None else x for x, s in zip(ids, symbols)])
 
 
+MIN_SHARED_GENES = 200  # below this many genes shared with the vocabulary (and under both shares), ids are refused
+
+
 def harmonize_gene_ids(
     adata: ad.AnnData, *, var_key: str | None = None, vocabulary: Iterable[str] | None = None,
     min_matched: float = 0.5, copy: bool = True,
@@ -127,7 +130,9 @@ def harmonize_gene_ids(
     var_key
         Column of ``adata.var`` holding gene ids; default ``var_names``.
     vocabulary
-        If given, the fraction of genes found in it must reach ``min_matched`` or a clear error is raised.
+        If given, the share of the data's genes found in it, or the share of its genes found in the data, must
+        reach ``min_matched``; otherwise a clear error is raised when fewer than ``MIN_SHARED_GENES`` (200) genes
+        are shared (the ids do not match), and a warning naming the shares when more are.
     """
     if var_key is not None and var_key not in adata.var.columns:
         raise InputError(
@@ -147,13 +152,18 @@ def harmonize_gene_ids(
             "sum or drop duplicates first (e.g. adata = adata[:, ~adata.var_names.duplicated()])"
         )
     if vocabulary is not None:
-        # either most of the data's genes are in the vocabulary, or (a small vocabulary, e.g. highly variable
-        # genes) most of the vocabulary is in the data; neither means the ids do not match (e.g. mouse symbols)
+        # most of the data's genes are in the vocabulary, or (a small vocabulary, e.g. highly variable genes) most
+        # of the vocabulary is in the data; neither, with few genes shared, means the ids do not match (e.g. mouse
+        # symbols); neither, with many shared (a preprocessed gene subset against an HVG vocabulary), is a warning
         vocab = {str(g) for g in vocabulary if not str(g).startswith("<")}  # specials (<pad>, <cls>) are no genes
         in_vocab = np.isin(out.var_names, list(vocab))
         matched = in_vocab.mean()
         covered = in_vocab.sum() / max(len(vocab), 1)
-        if matched < min_matched and covered < min_matched:
+        if matched < min_matched and covered < min_matched and in_vocab.sum() >= MIN_SHARED_GENES:
+            warnings.warn(f"only {matched:.0%} of the {out.n_vars} genes are in the model vocabulary and only "
+                          f"{covered:.0%} of the vocabulary's {len(vocab)} genes are in the data: the model sees "
+                          f"{int(in_vocab.sum())} of the data's genes", UserWarning, stacklevel=2)
+        elif matched < min_matched and covered < min_matched:
             raise InputError(
                 f"only {matched:.0%} of the {out.n_vars} genes are in the model vocabulary and only {covered:.0%} of "
                 f"the vocabulary's {len(vocab)} genes are in the data (need {min_matched:.0%} of either); "

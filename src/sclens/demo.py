@@ -274,7 +274,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
         warnings.simplefilter("always")
         op = select_operator(banks, report=rep)
     model_x = extract(sim, op, label_key="cell_type", donor_key="donor", tissue_key="tissue", seed=seed,
-                      epochs=40 if quick else 120, progress=True)
+                      progress=True)
     art = model_x.save(out / "extracted_head.safetensors")
     reloaded_x = ExtractedModel.load(art)
     heldout = simulate_hematopoiesis(n_donors=2 if quick else 4, cells_per_donor=per_donor, seed=seed,
@@ -324,7 +324,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
                    Endpoint("pseudotime_depth", "depth", "depth")],
         donor_key="donor", label_key="cell_type", scheme="shuffle", n_splits=2 if quick else 3, seed=seed,
         methods=["sclens_extracted", "extracted_identity", "extracted_random", "raw_log1p", "pca10", "dpt"],
-        random_control=1 if quick else 3, adaptor_epochs=40 if quick else 120,
+        random_control=1 if quick else 3,
         n_ref_cells=32 if quick else 128, title="demo campaign on the simulated cohort (SYNTHETIC)",
         notes=["SYNTHETIC data; fast methods only (the full campaigns: benchmarks/bench_campaigns.py)."])
     bres = run_campaign(sim, bcfg, model=model, name="demo", progress=True)
@@ -350,7 +350,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
 
     ccfg = BenchConfig(endpoints=bcfg.endpoints + [Endpoint("stage", "multiclass", "stage")], donor_key="donor",
                        label_key="cell_type", scheme="shuffle", n_splits=2 if quick else 3, seed=seed,
-                       adaptor_epochs=20 if quick else 60, n_ref_cells=32 if quick else 64)
+                       n_ref_cells=32 if quick else 64)
     cc = CompressConfig(ranks=(8,) if quick else (64, 32, 16, 8), audit_rank=8 if quick else 64,
                         sparse_factors=4 if quick else 16, sparse_genes=25, core_size=4, n_cards=8)
     cres = compress(sim, ccfg, cc, model=model, report=rep, artifact=reloaded_x, name="demo",
