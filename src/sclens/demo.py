@@ -10,7 +10,7 @@ Stages run (each prints what it does and lands in ``report.json`` + PNG figures 
 4. **heads**    panel-mode run with hooks on every layer: per-head attention entropy and top attended genes
 5. **screen**   gene-space operators (attn / qk / ov) of all units, donor x tissue x cell-type anchors, and
                 the gated unit screen (Isomap and geodesic MDS; the full screen adds LET - `sclens screen`)
-6. **extract**  the top screened operator -> cell-trained adaptor -> readouts as ONE .safetensors file,
+6. **extract**  the top screened operator -> closed-form ruler adaptor -> readouts as ONE .safetensors file,
                 reloaded (content hash checked), applied by streaming to a held-out SYNTHETIC cohort of new
                 donors written as .h5ad, and the zero-shot transfer check on that cohort
 7. **bench**    a short donor-holdout campaign on the synthetic cohort (fast methods)
