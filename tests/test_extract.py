@@ -395,3 +395,15 @@ def test_validate_transfer_on_held_out_donors(extracted, heldout_cohort):
     assert "branch_balanced_accuracy" in m["cells"]
     assert "zero-shot transfer" in rep.summary()
     json.dumps(rep.to_dict(), default=float)
+
+
+def test_adaptor_only_extraction_for_callers_with_their_own_readouts(cohort, banks):
+    """fit_readouts=False stops after the adaptor: same adaptor as the full extraction, no readouts, no scores."""
+    op = ex.select_operator(banks, unit=(1, 0), kind="ov")
+    kw = dict(label_key="cell_type", donor_key="donor", holdout_fraction=0, progress=False, n_perm=0, seed=4)
+    lean = ex.extract(cohort, op, fit_readouts=False, **kw)
+    full = ex.extract(cohort, op, **kw)
+    assert lean.readouts == {} and "skipped" in lean.manifest["metrics"]
+    assert np.array_equal(lean.adaptor.weight, full.adaptor.weight) and full.readouts
+    x = ex.panel_rows(cohort, op.panel, np.arange(50))
+    assert np.allclose(lean.latent(x), full.latent(x))

@@ -96,3 +96,15 @@ def test_panel_gene_outside_vocab(setup):
     model, cells, _, _ = setup
     with pytest.raises(InputError, match="not model tokens"):
         export_operators(model, cells, GenePanel(("PROG00", "CD3E")), progress=False)
+
+
+def test_low_rank_spectral_norm_equals_the_full_one():
+    """The ov normalisation through the d_head x d_head core is the G x G matrix's spectral norm (exact)."""
+    from sclens.operators import low_rank_spectral_norm
+
+    g = torch.Generator().manual_seed(0)
+    for G, dh in ((50, 8), (300, 64), (5, 8)):
+        left = torch.randn(G, dh, generator=g, dtype=torch.float64)
+        right = torch.randn(dh, G, generator=g, dtype=torch.float64)
+        full = torch.linalg.matrix_norm(left @ right, ord=2)
+        assert torch.allclose(low_rank_spectral_norm(left, right), full, rtol=1e-10)

@@ -575,7 +575,7 @@ class ExtractedMethod(Method):
         n = self.extracted.n_trainable()
         self.n_trainable = int(n["adaptor"])  # the shared readouts are counted by the harness
         self.info = {"operator": op.describe(), "operator_values_frozen": int(op.n_values),
-                     "export_seconds_one_time": self.export_seconds, "own_readouts_params": int(n["total"] - n["adaptor"])}
+                     "export_seconds_one_time": self.export_seconds}
 
     def embed_or_predict(self, cells, idx):
         return {"embedding": self.extracted.latent(cells.x)}
@@ -615,8 +615,9 @@ def manifold_diagnostics(model, test: "Cells", seed: int, max_cells: int = 1000)
 
 
 def fit_extracted(train: "Cells", operator, config: BenchConfig, **extract_kw):
-    """Stages 2 and 3 (:func:`sclens.extract.extract`) on a split's training cells, their DAG stage labels as
-    the labels, whole training set used (no inner holdout), no permutation test."""
+    """Stage 2 (:func:`sclens.extract.extract` with ``fit_readouts=False``) on a split's training cells, their DAG
+    stage labels as the labels, whole training set used (no inner holdout): the campaign reads the latent with
+    its shared readouts, so the extracted file's own readouts and scores are not fitted."""
     from .extract import extract
 
     obs = train.adata.obs.copy()
@@ -625,7 +626,7 @@ def fit_extracted(train: "Cells", operator, config: BenchConfig, **extract_kw):
     epochs = None if config.adaptor == "ruler" else config.adaptor_epochs
     return extract(a, operator, label_key="_sclens_stage_label", donor_key="_donor" if "_donor" in obs else None,
                    holdout_fraction=0.0, seed=config.seed, adaptor=config.adaptor, epochs=epochs, progress=False,
-                   n_perm=0, **extract_kw)
+                   n_perm=0, fit_readouts=False, **extract_kw)
 
 
 class ExtractedIdentityMethod(ExtractedMethod):

@@ -191,7 +191,7 @@ def _score(ep_list, t_te, preds, groups) -> dict[tuple[str, str], float]:
 
 
 def _fit_variant(ci: CampaignInputs, idx: np.ndarray, op: Operator, config: BenchConfig) -> ExtractedModel:
-    return fit_extracted(ci.cells(idx), op, config, eval_max_cells=2000)
+    return fit_extracted(ci.cells(idx), op, config)
 
 
 def factor_contributions(model: ExtractedModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

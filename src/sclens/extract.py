@@ -942,7 +942,7 @@ def extract(
     holdout_fraction: float = 0.2, seed: int = 0, layer: str | None = None, epochs: int | None = None,
     batch_size: int = 896, max_cells_per_stage: int = 500, loss_weights: dict | None = None,
     readout_max_cells: int = 50_000, eval_max_cells: int = 20_000, min_cells: int = 5, n_perm: int = 2000,
-    progress: bool = True,
+    progress: bool = True, fit_readouts: bool = True,
 ) -> ExtractedModel:
     """Stages 2 and 3 on labelled cells: train the adaptor and the readouts over a frozen operator.
 
@@ -950,6 +950,8 @@ def extract(
     training; the model is trained on the rest and ``manifest['metrics']['holdout']`` scores it on the held-out
     donors (cell-level probes and pseudotime, plus the anchor-level transfer check of :func:`validate_transfer`).
     With fewer than 3 donors, metrics are in-sample and marked so. The returned model is what was scored.
+    ``fit_readouts=False`` stops after the adaptor (no readouts, no scores): for callers that read the latent with
+    readouts of their own, like the benchmark's shared readouts.
     """
     t0 = time.perf_counter()
     if adaptor not in ADAPTORS:
@@ -998,36 +1000,40 @@ def extract(
                                       batch_size=batch_size,
                                       weights=loss_weights, seed=seed, progress=progress)
     model = ExtractedModel(operator, ad_model, {})
-    Z_ro = model.latent(x_ro)
-    st_ro = stages[ro].astype(str)
-    readouts = {key: fit_classifier(key, Z_ro, lab, seed=seed)
-                for key, lab in (("branch", np.array([dag.branch[s] for s in st_ro])), ("stage", st_ro))}
-    for probe in PROBES:
-        lab = probe_labels(st_ro, probe)
-        have = pd.notna(lab)
-        counts = pd.Series(lab[have]).value_counts()
-        if len(counts) == 2 and counts.min() >= 10:
-            neg, pos_cls = PROBES[probe]
-            r = fit_classifier(probe, Z_ro[have], (lab[have] == pos_cls).astype(int), seed=seed)
-            r.classes = [neg, pos_cls]  # score = P(second class)
-            readouts[probe] = r
-    readouts["pseudotime"] = fit_pseudotime(Z_ro, np.array([dag.depth(s) for s in st_ro], dtype=np.float64))
-    model.readouts = readouts
-    skipped = [p for p in PROBES if p not in readouts]
-    # ---------------------------------------------------------------- honest scores
-    eval_idx, split = (hold_idx, "holdout") if len(hold_idx) else (train_idx, "in_sample")
-    if len(eval_idx) > eval_max_cells:
-        eval_idx = np.sort(rng.choice(eval_idx, size=eval_max_cells, replace=False))
-    x_eval = panel_rows(adata, operator.panel, eval_idx, layer=layer)
-    metrics = {split: cell_metrics(model, x_eval, stages[eval_idx].astype(str), donors[eval_idx], dag)}
-    if len(hold_idx):
-        try:
-            tr = validate_transfer(model, adata[hold_idx], label_key=label_key, donor_key=donor_key,
-                                   tissue_key=tissue_key, min_cells=min_cells, n_perm=n_perm, seed=seed, layer=layer,
-                                   cell_level=False)
-            metrics["holdout_anchors"] = tr.metrics
-        except InputError as exc:
-            metrics["holdout_anchors"] = {"skipped": str(exc)}
+    if not fit_readouts:  # adaptor only: the caller scores the latent with its own readouts (bench, compress)
+        readouts, skipped, eval_idx = {}, list(PROBES), np.empty(0, int)
+        metrics = {"skipped": "fit_readouts=False: adaptor only, no readouts of its own, no scores"}
+    else:
+        Z_ro = model.latent(x_ro)
+        st_ro = stages[ro].astype(str)
+        readouts = {key: fit_classifier(key, Z_ro, lab, seed=seed)
+                    for key, lab in (("branch", np.array([dag.branch[s] for s in st_ro])), ("stage", st_ro))}
+        for probe in PROBES:
+            lab = probe_labels(st_ro, probe)
+            have = pd.notna(lab)
+            counts = pd.Series(lab[have]).value_counts()
+            if len(counts) == 2 and counts.min() >= 10:
+                neg, pos_cls = PROBES[probe]
+                r = fit_classifier(probe, Z_ro[have], (lab[have] == pos_cls).astype(int), seed=seed)
+                r.classes = [neg, pos_cls]  # score = P(second class)
+                readouts[probe] = r
+        readouts["pseudotime"] = fit_pseudotime(Z_ro, np.array([dag.depth(s) for s in st_ro], dtype=np.float64))
+        model.readouts = readouts
+        skipped = [p for p in PROBES if p not in readouts]
+        # ---------------------------------------------------------------- honest scores
+        eval_idx, split = (hold_idx, "holdout") if len(hold_idx) else (train_idx, "in_sample")
+        if len(eval_idx) > eval_max_cells:
+            eval_idx = np.sort(rng.choice(eval_idx, size=eval_max_cells, replace=False))
+        x_eval = panel_rows(adata, operator.panel, eval_idx, layer=layer)
+        metrics = {split: cell_metrics(model, x_eval, stages[eval_idx].astype(str), donors[eval_idx], dag)}
+        if len(hold_idx):
+            try:
+                tr = validate_transfer(model, adata[hold_idx], label_key=label_key, donor_key=donor_key,
+                                       tissue_key=tissue_key, min_cells=min_cells, n_perm=n_perm, seed=seed, layer=layer,
+                                       cell_level=False)
+                metrics["holdout_anchors"] = tr.metrics
+            except InputError as exc:
+                metrics["holdout_anchors"] = {"skipped": str(exc)}
     synthetic = bool(adata.uns.get("sclens_synthetic", {}).get("synthetic", False)) if hasattr(adata, "uns") else False
     model.manifest = {
         "sclens_version": __version__, "created_unix": int(time.time()), "versions": package_versions(),
