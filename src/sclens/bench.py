@@ -599,12 +599,10 @@ def manifold_diagnostics(model, test: "Cells", seed: int, max_cells: int = 1000)
         rng = np.random.default_rng(seed)
         s = np.sort(rng.choice(len(F), size=min(max_cells, len(F)), replace=False))
         out["trustworthiness"] = trustworthiness(F[s], model.adaptor.transform(F[s]))
-    obs = test.adata.obs.copy()
-    obs["_sclens_stage_label"] = test.stage_labels
-    a = ad.AnnData(test.adata.X, obs=obs, var=pd.DataFrame(index=test.adata.var_names))
+    a = _stage_labelled(test)
     try:
-        anchors = build_anchors(a, test.panel, label_key="_sclens_stage_label", dag=model.dag,
-                                donor_key="_donor" if "_donor" in obs else None, min_cells=5, seed=seed)
+        anchors = build_anchors(a, test.panel, label_key=STAGE_LABEL, dag=model.dag,
+                                donor_key="_donor" if "_donor" in a.obs else None, min_cells=5, seed=seed)
     except InputError:
         return out
     if anchors.obs["stage"].nunique() >= 3:
@@ -614,17 +612,25 @@ def manifold_diagnostics(model, test: "Cells", seed: int, max_cells: int = 1000)
     return out
 
 
+STAGE_LABEL = "_sclens_stage_label"
+
+
+def _stage_labelled(cells: "Cells") -> ad.AnnData:
+    """The cells' counts with their DAG stage labels in ``obs[STAGE_LABEL]`` (what extraction and anchors read)."""
+    obs = cells.adata.obs.copy()
+    obs[STAGE_LABEL] = cells.stage_labels
+    return ad.AnnData(cells.adata.X, obs=obs, var=pd.DataFrame(index=cells.adata.var_names))
+
+
 def fit_extracted(train: "Cells", operator, config: BenchConfig, **extract_kw):
     """Stage 2 (:func:`sclens.extract.extract` with ``fit_readouts=False``) on a split's training cells, their DAG
     stage labels as the labels, whole training set used (no inner holdout): the campaign reads the latent with
     its shared readouts, so the extracted file's own readouts and scores are not fitted."""
     from .extract import extract
 
-    obs = train.adata.obs.copy()
-    obs["_sclens_stage_label"] = train.stage_labels
-    a = ad.AnnData(train.adata.X, obs=obs, var=pd.DataFrame(index=train.adata.var_names))
+    a = _stage_labelled(train)
     epochs = None if config.adaptor == "ruler" else config.adaptor_epochs
-    return extract(a, operator, label_key="_sclens_stage_label", donor_key="_donor" if "_donor" in obs else None,
+    return extract(a, operator, label_key=STAGE_LABEL, donor_key="_donor" if "_donor" in a.obs else None,
                    holdout_fraction=0.0, seed=config.seed, adaptor=config.adaptor, epochs=epochs, progress=False,
                    n_perm=0, fit_readouts=False, **extract_kw)
 

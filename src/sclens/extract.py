@@ -10,7 +10,7 @@ Three stages (DESIGN "Extraction"):
    ``adaptor="ruler"`` (the default, :func:`fit_ruler_adaptor`) is closed form on all training cells: features
    centred and divided by one global scale, the stages placed on a sphere whose angles fit the DAG ruler, every
    cell regressed onto its stage's point (ridge on the top 100 PCs), the remaining dimensions filled with the
-   top PCs of what the regression left (a fit takes about a second; chosen by measurement over the trained
+   top PCs of what the regression left (under 2 s on a Kang split; chosen by measurement over the trained
    adaptor, which lost CD4/CD8 accuracy to PCA-10: docs/extract.md). ``adaptor="let"`` is the anchor-trained
    LET of the screen; ``adaptor="cell"`` (the earlier default) is trained on stage-balanced cells (≤ 500 per stage, 120 epochs, batch 896) with
    ``1.0·L_stage + 0.1·L_local + 0.08·L_recon + 0.4·L_cls``, where (our choices; the papers leave them open)
@@ -464,7 +464,7 @@ def fit_ruler_adaptor(
     if d > k:
         Q = np.linalg.qr(coef.T)[0] if k else np.zeros((m, 0))
         Pres = P - (P @ Q) @ Q.T
-        _, s_res, Vres = np.linalg.svd(Pres - Pres.mean(0), full_matrices=False)
+        _, _, Vres = np.linalg.svd(Pres - Pres.mean(0), full_matrices=False)
         pcs = Vres[: d - k]
         spread = (Pres @ pcs.T).std(0)
         w_pc = (pc_weight if k else 1.0) * ruler_rms / np.maximum(spread, 1e-12)
@@ -981,15 +981,15 @@ def extract(
                                 dag=dag, min_cells=min_cells, seed=seed, layer=layer)
         ad_model = fit_let_adaptor(operator.features(anchors.X), anchors.ruler, d=d, seed=seed,
                                    epochs=150 if epochs is None else epochs)
-    elif adaptor == "ruler":
-        ad_model = fit_ruler_adaptor(operator.features(x_bal), np.array([dag.index[s] for s in stages[bal]]),
-                                     dag.ruler_matrix, d=d, seed=seed)
     else:
         F_bal = operator.features(x_bal)
         sidx = np.array([dag.index[s] for s in stages[bal]])
-        ad_model = train_cell_adaptor(F_bal, sidx, dag.ruler_matrix, d=d, epochs=120 if epochs is None else epochs,
-                                      batch_size=batch_size,
-                                      weights=loss_weights, seed=seed, progress=progress)
+        if adaptor == "ruler":
+            ad_model = fit_ruler_adaptor(F_bal, sidx, dag.ruler_matrix, d=d, seed=seed)
+        else:
+            ad_model = train_cell_adaptor(F_bal, sidx, dag.ruler_matrix, d=d,
+                                          epochs=120 if epochs is None else epochs, batch_size=batch_size,
+                                          weights=loss_weights, seed=seed, progress=progress)
     model = ExtractedModel(operator, ad_model, {})
     if not fit_readouts:  # adaptor only: the caller scores the latent with its own readouts (bench, compress)
         readouts, skipped, eval_idx = {}, list(PROBES), np.empty(0, int)
