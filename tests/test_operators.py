@@ -108,3 +108,17 @@ def test_low_rank_spectral_norm_equals_the_full_one():
         right = torch.randn(dh, G, generator=g, dtype=torch.float64)
         full = torch.linalg.matrix_norm(left @ right, ord=2)
         assert torch.allclose(low_rank_spectral_norm(left, right), full, rtol=1e-10)
+
+
+def test_ov_only_export_skips_the_last_block_and_matches_the_full_export(setup):
+    model, cells, panel, banks = setup
+    ran = []
+    hook = model.blocks[-1].register_forward_hook(lambda *a: ran.append(1))
+    try:
+        ov = export_operators(model, cells, panel, kinds=["ov", "qk"], n_ref_cells=12, progress=False)
+    finally:
+        hook.remove()
+    assert not ran  # every qk / ov operator needs layer inputs only
+    for kind in ("ov", "qk"):
+        # float32 rounding only: the full export computes attention explicitly (its pattern is cached), this one fused
+        np.testing.assert_allclose(ov[kind].operators, banks[kind].operators, rtol=1e-4, atol=1e-6)

@@ -168,7 +168,7 @@ class BenchConfig:
     var_key: str | None = None
     n_genes: int = 1200
     operator: str = "drift"
-    n_ref_cells: int = 128
+    n_ref_cells: int = 64  # label-free cells behind the operator export (benchmarks/results/reference_cells.md)
     scvi_epochs: int = 100
     adaptor: str = "ruler"  # the extracted method's adaptor: "ruler" (closed form), "cell" (trained) or "let"
     adaptor_epochs: int | None = None  # training epochs of the "cell" / "let" adaptor (the ruler adaptor has none)

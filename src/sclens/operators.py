@@ -173,10 +173,15 @@ def export_operators(
     t0 = time.perf_counter()
     batch, ref = _reference_batch(model, adata, panel, n_ref_cells, seed, layer)
     L, H, G = model.n_layers, model.n_heads, len(panel)
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
-    if "attn" in kinds:
-        names += [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
-    cache = model.run_with_cache(batch, names, batch_size=batch_size, reduce="sum", progress=progress)
+    # qk / ov need only each layer's input; the last one is the output of the block before it (post-LN blocks),
+    # so the last block runs only when its attention pattern is wanted
+    early_stop = "attn" not in kinds and L >= 2
+    resid = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    if early_stop:
+        resid[-1] = f"blocks.{L - 2}.hook_normalized_resid_post"
+    names = resid + ([f"blocks.{l}.attn.hook_pattern" for l in range(L)] if "attn" in kinds else [])
+    cache = model.run_with_cache(batch, names, batch_size=batch_size, reduce="sum", progress=progress,
+                                 stop_at_layer=L - 1 if early_stop else None)
     n = len(batch)
     base_manifest = {
         "model": getattr(model, "source", "in-memory"), "model_sha256": getattr(model, "checkpoint_sha256", None),
@@ -185,7 +190,7 @@ def export_operators(
         "reference_cells": list(map(str, ref.obs_names[:10000])), "sclens_version": __version__,
     }
     banks: dict[str, OperatorBank] = {}
-    R = [cache[f"blocks.{l}.hook_resid_pre"][1:].double() / n for l in range(L)]  # [G, D] per layer
+    R = [cache[name][1:].double() / n for name in resid]  # [G, D] per layer
     for kind in kinds:
         ops = np.empty((L, H, G, G), dtype=np.float32)
         for l in range(L):
