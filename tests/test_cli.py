@@ -37,7 +37,31 @@ def test_model_command_on_default_model():
 
 def test_model_command_on_bad_dir(tmp_path):
     r = runner.invoke(app, ["model", str(tmp_path)])
-    assert r.exit_code == 2 and "not an scGPT checkpoint directory" in r.output
+    assert r.exit_code == 2 and "is not a model folder" in r.output and "Geneformer needs config.json" in r.output
+
+
+def test_model_and_embed_on_a_geneformer_checkpoint(tmp_path):
+    import anndata as ad
+    import numpy as np
+
+    pytest.importorskip("transformers")
+    from tests.models.test_geneformer import _counts, _genes, build_checkpoint
+
+    d = build_checkpoint(tmp_path / "gf")
+    r = runner.invoke(app, ["model", str(d)])
+    assert r.exit_code == 0, r.output
+    assert "Geneformer V1" in r.output and "3 layers x 4 heads" in r.output
+    X = _counts(n_cells=10)
+    a = ad.AnnData(X.round().astype(np.float32) + (X > 0))  # integer counts, every expressed gene >= 1
+    a.var_names = _genes()
+    a.write_h5ad(tmp_path / "counts.h5ad")
+    r = runner.invoke(app, ["embed", str(tmp_path / "counts.h5ad"), "-o", str(tmp_path / "e.h5ad"), "--model", str(d)])
+    assert r.exit_code == 0, r.output
+    assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_geneformer"].shape == (10, 32)
+    a.X = np.log1p(a.X)
+    a.write_h5ad(tmp_path / "log.h5ad")
+    r = runner.invoke(app, ["embed", str(tmp_path / "log.h5ad"), "-o", str(tmp_path / "e2.h5ad"), "--model", str(d)])
+    assert r.exit_code == 2 and "counts" in r.output
 
 
 def test_pretrain_then_embed(h5ad, tmp_path):

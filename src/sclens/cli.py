@@ -102,7 +102,7 @@ def model_info(
     seed: int = typer.Option(0),
 ) -> None:
     """Describe a checkpoint (architecture, vocabulary, hook points), or probe what it learned (`model probe`)."""
-    from .models import load_default_model, load_scgpt
+    from .models import load_default_model, load_model
 
     args = list(args or [])
     try:
@@ -116,15 +116,23 @@ def model_info(
             return
         if len(args) > 1:
             raise SclensError(f"expected at most one checkpoint folder, got {args}")
-        m = load_scgpt(args[0], allow_unsupported=allow_unsupported) if args else load_default_model()
+        m = load_model(args[0], allow_unsupported=allow_unsupported) if args else load_default_model()
     except SclensError as exc:
         _fail(exc)
     c = m.config
     typer.echo(f"source: {getattr(m, 'source', '?')}")
-    typer.echo(f"architecture: scGPT, {c.nlayers} layers x {c.nheads} heads (d_head {c.d_head}), d_model {c.embsize}, "
-               f"d_hid {c.d_hid}, values {c.input_emb_style}, {c.n_bins} bins, max_seq_len {c.max_seq_len}")
-    typer.echo(f"vocabulary: {len(m.vocab):,} tokens; parameters: {m.n_parameters():,} "
-               f"(encoder {m.n_parameters(backbone_only=True):,}); MVC head: {m.mvc_decoder is not None}")
+    if m.family == "geneformer":
+        typer.echo(f"architecture: Geneformer {'V2' if m.special_token else 'V1'} (BERT, rank-value input), "
+                   f"{m.n_layers} layers x {m.n_heads} heads (d_head {c.d_head}), d_model {c.hidden_size}, "
+                   f"intermediate {c.intermediate_size}, input size {m.model_input_size}")
+        typer.echo(f"vocabulary: {len(m.token_dict):,} tokens ({len(m.vocab.genes):,} genes, "
+                   f"{sum(not g.startswith('ENSG') for g in m.vocab.genes):,} named by symbol); "
+                   f"parameters: {m.n_parameters():,} (encoder {m.n_parameters(backbone_only=True):,})")
+    else:
+        typer.echo(f"architecture: scGPT, {c.nlayers} layers x {c.nheads} heads (d_head {c.d_head}), d_model "
+                   f"{c.embsize}, d_hid {c.d_hid}, values {c.input_emb_style}, {c.n_bins} bins, max_seq_len {c.max_seq_len}")
+        typer.echo(f"vocabulary: {len(m.vocab):,} tokens; parameters: {m.n_parameters():,} "
+                   f"(encoder {m.n_parameters(backbone_only=True):,}); MVC head: {m.mvc_decoder is not None}")
     typer.echo(f"checkpoint sha256: {m.checkpoint_sha256}")
     typer.echo(f"hook points: {len(m.hook_dict)}")
     if hooks:
@@ -134,10 +142,13 @@ def model_info(
 
 def _probe(checkpoint: str, data: Path, *, label_key, donor_key, out, n_cells, random_weights, var_key, seed) -> None:
     from .data import read_h5ad
-    from .models import load_default_model, load_scgpt
+    from .models import load_default_model, load_model
     from .models.probe import probe_model
 
-    m = load_default_model() if checkpoint == "default" else load_scgpt(checkpoint)
+    m = load_default_model() if checkpoint == "default" else load_model(checkpoint)
+    if m.family != "scgpt":
+        raise SclensError(f"the learning probe (masked-value MSE, value-binned embeddings) is built for scGPT; "
+                          f"{checkpoint} is a {m.family} model")
     res = probe_model(m, read_h5ad(data), label_key=label_key, donor_key=donor_key, name=data.stem, n_cells=n_cells,
                       random_weights=random_weights, var_key=var_key, seed=seed)
     paths = res.save(out)
@@ -148,15 +159,16 @@ def _probe(checkpoint: str, data: Path, *, label_key, donor_key, out, n_cells, r
 @app.command()
 def embed(
     path: Path = typer.Argument(..., help="Input .h5ad (never modified)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .h5ad with obsm['X_scgpt']."),
-    model: Optional[Path] = typer.Option(None, help="Checkpoint dir (default: embedded model)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .h5ad with obsm['X_scgpt'] or obsm['X_geneformer']."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint dir, scGPT or Geneformer (default: embedded model)."),
     var_key: Optional[str] = typer.Option(None, help="var column with gene ids."),
     layer: Optional[str] = typer.Option(None),
-    pooling: str = typer.Option("cls", help="'cls' (official) or 'avg'."),
+    pooling: Optional[str] = typer.Option(None, help="'cls' or 'avg' (default: the family's official rule)."),
     batch_size: int = typer.Option(64),
     seed: int = typer.Option(0),
 ) -> None:
-    """Cell embeddings of a foundation model (official embed_data rules) into obsm['X_scgpt']."""
+    """Cell embeddings of a foundation model (scGPT: official embed_data rules into obsm['X_scgpt']; Geneformer:
+    EmbExtractor rules on raw counts into obsm['X_geneformer'])."""
     from .data import read_h5ad
     from .models.api import embed_cells, resolve_model
     from .utils import atomic_write
@@ -169,13 +181,14 @@ def embed(
         adata = read_h5ad(path)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            embed_cells(adata, resolve_model(model), var_key=var_key, layer=layer, pooling=pooling,
-                        batch_size=batch_size, seed=seed)
+            m = resolve_model(model)
+            embed_cells(adata, m, var_key=var_key, layer=layer, pooling=pooling, batch_size=batch_size, seed=seed)
         for w in caught:
             if issubclass(w.category, UserWarning):
                 typer.secho(f"note: {w.message}", fg=typer.colors.YELLOW, err=True)
         atomic_write(out, lambda p: adata.write_h5ad(p))
-        typer.echo(f"wrote {adata.n_obs} embeddings ({adata.obsm['X_scgpt'].shape[1]}-d) to {out}")
+        key = f"X_{m.family}"
+        typer.echo(f"wrote {adata.n_obs} embeddings ({adata.obsm[key].shape[1]}-d) to {out} (obsm['{key}'])")
     except SclensError as exc:
         _fail(exc)
 
@@ -322,14 +335,14 @@ def screen_cmd(
 
 def _model_of_banks(banks: dict, model: Optional[Path]):
     """The checkpoint the operator banks were exported from (for random-weights copies), checked by its hash."""
-    from .models import default_model_dir, load_default_model, load_scgpt
+    from .models import default_model_dir, load_default_model, load_model
 
     manifest = next(iter(banks.values())).manifest
     recorded = manifest.get("model")
     if model is not None:
-        m = load_scgpt(model)
+        m = load_model(model)
     elif recorded and Path(recorded).is_dir():
-        m = load_scgpt(recorded)
+        m = load_model(recorded)
     elif recorded == str(default_model_dir()):
         m = load_default_model()
     else:

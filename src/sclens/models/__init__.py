@@ -1,7 +1,9 @@
-"""Foundation models: the hooked scGPT implementation, its checkpoint I/O, tokenisation and pretraining."""
+"""Foundation models: hooked scGPT and Geneformer implementations, their checkpoint I/O, tokenisation, pretraining."""
 
-from .api import embed_cells, resolve_model, tokenize_adata
+from .api import embed_cells, load_model, resolve_model, tokenize_adata
 from .config import ScGPTConfig
+from .encoder import HookedEncoder
+from .geneformer import GeneformerConfig, HookedGeneformer, load_geneformer, save_geneformer
 from .hooks import ActivationCache, HookPoint
 from .io import load_scgpt, official_state_dict, read_state_dict, save_scgpt
 from .scgpt import HookedScGPT
@@ -12,7 +14,8 @@ __all__ = [
     "ScGPTConfig", "GeneVocab", "SPECIAL_TOKENS", "HookedScGPT", "HookPoint", "ActivationCache",
     "Tokenizer", "TokenBatch", "bin_values", "load_scgpt", "save_scgpt", "read_state_dict",
     "official_state_dict", "default_model_dir", "load_default_model", "embed_cells", "tokenize_adata",
-    "resolve_model",
+    "resolve_model", "load_model", "HookedEncoder", "HookedGeneformer", "GeneformerConfig", "load_geneformer",
+    "save_geneformer",
 ]
 
 

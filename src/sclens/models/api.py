@@ -9,24 +9,66 @@ import numpy as np
 
 from ..data import GenePanel, harmonize_gene_ids, iter_chunks, log_normalize, validate
 from ..errors import InputError
-from .scgpt import HookedScGPT
+from .encoder import HookedEncoder
 from .tokenize import TokenBatch, Tokenizer
 
 
-def resolve_model(model) -> HookedScGPT:
-    """Accept a loaded model, a checkpoint directory, or None (the embedded default)."""
-    from . import load_default_model
+def load_model(path, *, device: str = "cpu", allow_unsupported: bool = False) -> HookedEncoder:
+    """Load a checkpoint folder of either family: scGPT (``args.json`` + ``vocab.json`` + ``best_model.pt``) or
+    Geneformer (HF BERT ``config.json`` + ``model.safetensors`` / ``pytorch_model.bin`` + its dictionaries)."""
+    from pathlib import Path
+
+    from ..errors import CheckpointError
+    from .geneformer import load_geneformer
     from .io import load_scgpt
+
+    d = Path(path)
+    if (d / "args.json").is_file() or (d / "best_model.pt").is_file():
+        return load_scgpt(d, device=device, allow_unsupported=allow_unsupported)
+    if (d / "config.json").is_file():
+        return load_geneformer(d, device=device)
+    found = sorted(p.name for p in d.iterdir()) if d.is_dir() else None
+    raise CheckpointError(
+        f"{d} is not a model folder" + (f" (found {found})" if found is not None else " (it does not exist)")
+        + ": scGPT needs args.json + vocab.json + best_model.pt; Geneformer needs config.json + model.safetensors or "
+          "pytorch_model.bin + its token and gene-median dictionaries")
+
+
+def resolve_model(model) -> HookedEncoder:
+    """Accept a loaded model (either family), a checkpoint directory, or None (the embedded default)."""
+    from . import load_default_model
 
     if model is None:
         return load_default_model()
-    if isinstance(model, HookedScGPT):
+    if isinstance(model, HookedEncoder):
         return model
-    return load_scgpt(model)
+    return load_model(model)
+
+
+def _tokenize_geneformer(adata: ad.AnnData, model, *, panel, mode, layer, var_key) -> TokenBatch:
+    """Rank-value tokens of raw counts; ``n_counts`` from ``obs['n_counts']`` or the totals over every gene."""
+    if mode == "all":
+        raise InputError("Geneformer reads rank-value sentences, which have no fixed panel positions: panel mode "
+                         "('all', used by the gene-space operators) is scGPT's; Geneformer operators are not built yet")
+    validate(adata, layer=layer, require="counts")
+    X = adata.layers[layer] if layer else adata.X
+    if hasattr(X, "to_memory"):
+        X = X.to_memory()
+    genes = adata.var[var_key].astype(str).tolist() if var_key else list(map(str, adata.var_names))
+    if "n_counts" in adata.obs:
+        n_counts = adata.obs["n_counts"].to_numpy(dtype=np.float64)
+    else:
+        n_counts = np.asarray(X.sum(1)).ravel()
+    if panel is not None:
+        keep = np.flatnonzero(np.isin(genes, list(panel.genes)))
+        if keep.size == 0:
+            raise InputError(f"none of the {len(panel)} panel genes is in the data")
+        X, genes = X[:, keep], [genes[i] for i in keep]
+    return model.tokenize(X, genes, n_counts=n_counts)
 
 
 def tokenize_adata(
-    adata: ad.AnnData, model: HookedScGPT, *, panel: GenePanel | None = None, mode: Literal["nonzero", "all"] = "nonzero",
+    adata: ad.AnnData, model: HookedEncoder, *, panel: GenePanel | None = None, mode: Literal["nonzero", "all"] = "nonzero",
     layer: str | None = None, var_key: str | None = None, seed: int = 0, max_len: int | None = None,
 ) -> TokenBatch:
     """Tokenise cells for ``model``.
@@ -35,6 +77,8 @@ def tokenize_adata(
     binned per cell, so counts and log data give the same bins). ``mode="all"`` uses exactly the ``panel``
     genes in panel order, zeros included, on ``log1p(normalize_total)`` values.
     """
+    if getattr(model, "family", "scgpt") == "geneformer":
+        return _tokenize_geneformer(adata, model, panel=panel, mode=mode, layer=layer, var_key=var_key)
     validate(adata, layer=layer, require="log")
     adata = harmonize_gene_ids(adata, var_key=var_key, vocabulary=model.vocab.genes if panel is None else None)
     if mode == "all":
@@ -61,30 +105,41 @@ def tokenize_adata(
 
 def embed_cells(
     adata: ad.AnnData, model=None, *, layer: str | None = None, var_key: str | None = None,
-    pooling: Literal["cls", "avg"] = "cls", batch_size: int = 64, key_added: str = "X_scgpt", seed: int = 0,
+    pooling: Literal["cls", "avg"] | None = None, batch_size: int = 64, key_added: str | None = None, seed: int = 0,
     chunk_size: int = 20_000, progress: bool = True, copy: bool = False,
 ) -> ad.AnnData | np.ndarray:
     """Cell embeddings of a foundation model, written to ``adata.obsm[key_added]``.
 
-    Follows the official ``embed_data``: non-zero genes, value binning, ``<cls>`` embedding, L2-normalised.
-    Works chunk by chunk, so backed AnnData need not fit in memory (the embeddings do). With ``copy=True``
-    a new AnnData is returned; otherwise the embeddings are written in place and also returned.
+    scGPT follows the official ``embed_data``: non-zero genes, value binning, ``<cls>`` embedding (``pooling``
+    None or "cls"; "avg" = mean over tokens), L2-normalised, into ``X_scgpt``. Geneformer follows ``EmbExtractor``:
+    raw counts rank-value encoded, the second-to-last layer, mean over gene tokens (V1) or ``<cls>`` (V2; "avg"
+    forces the mean), not normalised, into ``X_geneformer``. Works chunk by chunk, so backed AnnData need not fit
+    in memory (the embeddings do). With ``copy=True`` a new AnnData is returned; otherwise the embeddings are
+    written in place and also returned.
     """
     if adata.n_obs == 0:
         raise InputError("the AnnData has 0 cells: there is nothing to embed")
     model = resolve_model(model)
-    _note_value_kind(adata, layer)
+    family = getattr(model, "family", "scgpt")
+    key_added = key_added or f"X_{family}"
+    if pooling not in (None, "cls", "avg"):
+        raise InputError(f"pooling must be 'cls' or 'avg', got {pooling!r}")
+    if family == "geneformer":
+        mode = {None: "auto", "cls": "cls", "avg": "cell"}[pooling]
+    else:
+        _note_value_kind(adata, layer)
+        mode = pooling or "cls"
     out = adata.copy() if copy else adata
     embs = []
     for sl, _ in iter_chunks(adata, chunk_size):
         sub = adata[sl]
         batch = tokenize_adata(sub, model, layer=layer, var_key=var_key, seed=seed + sl.start)
-        embs.append(model.cell_embeddings(batch, mode=pooling, batch_size=batch_size, progress=progress))
+        embs.append(model.cell_embeddings(batch, mode=mode, batch_size=batch_size, progress=progress))
     E = np.concatenate(embs).astype(np.float32)
     if not getattr(out, "isbacked", False):
         out.obsm[key_added] = E
         out.uns.setdefault("sclens", {})[key_added] = {
-            "model": getattr(model, "source", "in-memory"), "pooling": pooling, "seed": seed,
+            "model": getattr(model, "source", "in-memory"), "family": family, "pooling": mode, "seed": seed,
             "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
         }
     return out if copy else E

@@ -2,11 +2,12 @@
 
 A head "encodes" something only where it beats copies of the model whose transformer blocks carry no
 training (DESIGN section 4). :func:`randomize` builds such a copy for every model family sclens opens
-(scGPT-architecture :class:`~sclens.models.HookedScGPT` and the cell-sentence GPT-NeoX
-:class:`~sclens.circuits.lm.HookedCellLM`): every tensor of every transformer block is replaced by Gaussian
+(scGPT-architecture :class:`~sclens.models.HookedScGPT`, Geneformer :class:`~sclens.models.HookedGeneformer` and
+the cell-sentence GPT-NeoX :class:`~sclens.circuits.lm.HookedCellLM`): every tensor of every transformer block is replaced by Gaussian
 draws with that tensor's own mean and standard deviation, so the scale of every weight matrix (and with it
 the size of the residual stream and the sharpness of attention) is kept, while everything the tensor learned
-is gone. With ``keep_embeddings=True`` (the default) the gene / token and value embeddings stay as trained, so
+is gone. With ``keep_embeddings=True`` (the default) the gene / token, value (scGPT) and position (Geneformer)
+embeddings stay as trained, so
 the copy still reads the same genes through the same input map; ``False`` re-draws them too. Output heads
 (expression / MVC decoders, the LM's unembedding) are never used by the operators and are left as they are.
 """
@@ -33,8 +34,14 @@ def _redraw_(tensor: torch.Tensor, gen: torch.Generator) -> None:
 
 def _groups(model) -> tuple[list[tuple[str, torch.nn.Parameter]], list[tuple[str, torch.nn.Parameter]], str]:
     """(block parameters, embedding parameters, family) of a model sclens knows."""
+    from .geneformer import HookedGeneformer
     from .scgpt import HookedScGPT
 
+    if isinstance(model, HookedGeneformer):
+        blocks = [(f"blocks.{n}", p) for n, p in model.blocks.named_parameters()]
+        emb = [(n, p) for mod in ("word_embeddings", "position_embeddings", "token_type_embeddings", "embed_ln")
+               for n, p in getattr(model, mod).named_parameters(prefix=mod)]
+        return blocks, emb, "geneformer"
     if isinstance(model, HookedScGPT):
         blocks = [(f"blocks.{n}", p) for n, p in model.blocks.named_parameters()]
         emb = [(f"encoder.{n}", p) for n, p in model.encoder.named_parameters()]
@@ -46,7 +53,7 @@ def _groups(model) -> tuple[list[tuple[str, torch.nn.Parameter]], list[tuple[str
         blocks = [(f"gpt_neox.layers.{n}", p) for n, p in neox.layers.named_parameters()]
         emb = [(f"gpt_neox.embed_in.{n}", p) for n, p in neox.embed_in.named_parameters()]
         return blocks, emb, "cell_lm"
-    raise InputError(f"randomize() knows scGPT-architecture models and cell-sentence LMs, not {type(model).__name__}")
+    raise InputError(f"randomize() knows scGPT, Geneformer and cell-sentence LMs, not {type(model).__name__}")
 
 
 def randomize(model, seed: int = 0, *, keep_embeddings: bool = True):

@@ -34,17 +34,14 @@ no attention-internal hook is active the fused scaled-dot-product kernel is used
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import ScGPTConfig
-from .hooks import ActivationCache, HookedRootModule, HookPoint, NamesFilter
-from .tokenize import TokenBatch
+from .encoder import HookedEncoder
+from .hooks import HookPoint
 from .vocab import GeneVocab
 
 
@@ -205,12 +202,14 @@ class MVCDecoder(nn.Module):
         return torch.bmm(self.W(q), cell_emb.unsqueeze(2)).squeeze(2)
 
 
-class HookedScGPT(HookedRootModule):
+class HookedScGPT(HookedEncoder):
     """scGPT encoder with hook points, expression decoder and (optional) MVC decoder.
 
     Build one with :func:`sclens.models.load_scgpt` (an official checkpoint directory) or from a config
     and vocabulary for pretraining.
     """
+
+    family = "scgpt"
 
     def __init__(self, config: ScGPTConfig, vocab: GeneVocab):
         super().__init__()
@@ -233,10 +232,6 @@ class HookedScGPT(HookedRootModule):
         self.setup_hooks()
 
     # ------------------------------------------------------------------ forward
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
     def embed(self, gene_ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.hook_gene_embed(self.encoder(gene_ids))
         if self.config.input_emb_style == "scaling":
@@ -257,130 +252,6 @@ class HookedScGPT(HookedRootModule):
                 break
             x = block(x, pad)
         return x
-
-    def forward_batch(self, batch: TokenBatch, **kw) -> torch.Tensor:
-        b = batch.to(self.device)
-        return self(b.gene_ids, b.values, b.padding_mask, **kw)
-
-    @staticmethod
-    def pool(hidden: torch.Tensor, padding_mask: torch.Tensor, mode: str = "cls") -> torch.Tensor:
-        """Cell embedding from hidden states: ``cls`` (official default) or ``avg`` (masked mean, pads excluded)."""
-        if mode == "cls":
-            emb = hidden[:, 0]
-        elif mode == "avg":
-            keep = (~padding_mask).unsqueeze(-1).to(hidden.dtype)
-            emb = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
-        else:
-            raise ValueError(f"pooling mode must be 'cls' or 'avg', got {mode!r}")
-        return emb
-
-    @torch.no_grad()
-    def cell_embeddings(
-        self, batch: TokenBatch, *, mode: str | tuple[str, ...] = "cls", normalize: bool = True, batch_size: int = 64,
-        progress: bool = False,
-    ) -> np.ndarray | dict[str, np.ndarray]:
-        """Cell embeddings [N, D]; CLS + L2 normalisation reproduces the official ``embed_data``.
-
-        ``mode`` may be a tuple such as ``("cls", "avg")``: one forward pass, a dict of embeddings back.
-        """
-        modes = (mode,) if isinstance(mode, str) else tuple(mode)
-        was_training = self.training
-        self.eval()
-        out: dict[str, list] = {m: [] for m in modes}
-        for start in tqdm(range(0, len(batch), batch_size), disable=not progress, desc="embedding cells", unit="batch"):
-            b = batch[start : start + batch_size].to(self.device)
-            hidden = self(b.gene_ids, b.values, b.padding_mask)
-            for m in modes:
-                emb = self.pool(hidden, b.padding_mask, m)
-                if normalize:
-                    emb = emb / emb.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-                out[m].append(emb.float().cpu())
-        self.train(was_training)
-        res = {m: torch.cat(v).numpy() for m, v in out.items()}
-        return res[mode] if isinstance(mode, str) else res
-
-    # ------------------------------------------------------------------ caching
-    @torch.no_grad()
-    def run_with_cache(
-        self, batch: TokenBatch, names: NamesFilter = None, *, batch_size: int = 32, progress: bool = True,
-        reduce: str | Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        stop_at_layer: int | None = None,
-    ) -> ActivationCache:
-        """Run the model over ``batch`` in mini-batches and return only the activations asked for.
-
-        Parameters
-        ----------
-        names
-            Hook names, a single name, or a predicate ``name -> bool``; None caches every hook (large).
-        reduce
-            None keeps every cell (stacked on dim 0). ``"sum"`` keeps a running sum over cells (for averages over
-            a reference set without holding every cell); a callable ``(name, act, padding_mask) -> tensor``
-            is applied to each mini-batch and its outputs are summed.
-        """
-        wanted = self.resolve_names(names)
-        was_training = self.training
-        self.eval()
-        store: dict[str, list[torch.Tensor] | torch.Tensor] = {}
-        current_pad: list[torch.Tensor] = []
-
-        def make_hook(name: str):
-            def hook(act, hp):
-                a = act.detach()
-                if reduce is None:
-                    store.setdefault(name, []).append(a.cpu())
-                else:
-                    r = a.sum(0) if reduce == "sum" else reduce(name, a, current_pad[0])
-                    store[name] = store[name] + r.cpu() if name in store else r.cpu().clone()
-            return hook
-
-        try:
-            with self.hooks([(n, make_hook(n)) for n in wanted]):
-                for start in tqdm(range(0, len(batch), batch_size), disable=not progress,
-                                  desc="running model", unit="batch"):
-                    b = batch[start : start + batch_size].to(self.device)
-                    current_pad[:] = [b.padding_mask]
-                    self(b.gene_ids, b.values, b.padding_mask, stop_at_layer=stop_at_layer)
-        finally:
-            self.train(was_training)
-        return ActivationCache({k: (torch.cat(v) if isinstance(v, list) else v) for k, v in store.items()})
-
-    def run_with_hooks(self, batch: TokenBatch, fwd_hooks: Iterable = ()) -> torch.Tensor:
-        """One forward pass with temporary hooks ``[(name, fn(act, hook) -> act | None)]``; returns the output."""
-        with self.hooks(fwd_hooks):
-            return self.forward_batch(batch)
-
-    # ------------------------------------------------------------------ weights
-    @property
-    def n_layers(self) -> int:
-        return self.config.nlayers
-
-    @property
-    def n_heads(self) -> int:
-        return self.config.nheads
-
-    def head_weights(self, layer: int, head: int) -> dict[str, torch.Tensor]:
-        """Per-head weights in TransformerLens convention: W_Q/W_K/W_V [D, dh], b_Q/b_K/b_V [dh], W_O [dh, D], b_O [D]."""
-        if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
-            raise IndexError(f"unit ({layer}, {head}) outside {self.n_layers} layers x {self.n_heads} heads")
-        attn = self.blocks[layer].attn
-        E, dh = self.config.embsize, self.config.d_head
-        W, b = attn.in_proj_weight.detach(), attn.in_proj_bias.detach()
-        rows = slice(head * dh, (head + 1) * dh)
-        out = {}
-        for i, n in enumerate("QKV"):
-            out[f"W_{n}"] = W[i * E : (i + 1) * E][rows].T.clone()
-            out[f"b_{n}"] = b[i * E : (i + 1) * E][rows].clone()
-        out["W_O"] = attn.out_proj.weight.detach()[:, rows].T.clone()
-        out["b_O"] = attn.out_proj.bias.detach().clone()
-        return out
-
-    def all_head_weights(self) -> dict[str, torch.Tensor]:
-        """Stacked per-head weights: W_Q/W_K/W_V [L, H, D, dh], W_O [L, H, dh, D], b_O [L, D]."""
-        per = [[self.head_weights(l, h) for h in range(self.n_heads)] for l in range(self.n_layers)]
-        out = {k: torch.stack([torch.stack([p[k] for p in row]) for row in per]) for k in
-               ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O")}
-        out["b_O"] = torch.stack([row[0]["b_O"] for row in per])
-        return out
 
     def n_parameters(self, backbone_only: bool = False) -> int:
         mods = [self.encoder, self.value_encoder, self.blocks] if backbone_only else [self]

@@ -13,6 +13,11 @@ from ..errors import CheckpointError
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 
 
+def is_special(token: str) -> bool:
+    """``<pad>``, ``<cls>``, ``<eoc>`` (scGPT), ``<mask>``, ``<eos>`` (Geneformer): no gene is written in angle brackets."""
+    return token in SPECIAL_TOKENS or (token.startswith("<") and token.endswith(">"))
+
+
 class GeneVocab:
     """Token <-> id mapping. Gene tokens are HGNC symbols, matched exactly (case-sensitive)."""
 
@@ -64,8 +69,8 @@ class GeneVocab:
 
     @property
     def genes(self) -> list[str]:
-        """Gene tokens (every token that is not a special), in id order."""
-        return [t for _, t in sorted(self.itos.items()) if t not in SPECIAL_TOKENS]
+        """Gene tokens (every token that is not a special such as ``<pad>`` or ``<mask>``), in id order."""
+        return [t for _, t in sorted(self.itos.items()) if not is_special(t)]
 
     @property
     def size(self) -> int:
