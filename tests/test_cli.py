@@ -64,6 +64,32 @@ def test_model_and_embed_on_a_geneformer_checkpoint(tmp_path):
     assert r.exit_code == 2 and "counts" in r.output
 
 
+def test_operators_screen_and_bench_on_a_geneformer_checkpoint(h5ad, sim_small, tmp_path):
+    pytest.importorskip("transformers")
+    from sclens.data import ensembl_to_symbol
+    from tests.models.test_geneformer import build_checkpoint
+
+    ens = {s: e for e, s in ensembl_to_symbol().items()}
+    d = build_checkpoint(tmp_path / "gf", genes=[ens[g] for g in sim_small.var_names], max_pos=512)
+    r = runner.invoke(app, ["export-operators", str(h5ad), "-o", str(tmp_path / "ops"), "--model", str(d),
+                            "--kinds", "ov", "--n-ref-cells", "24", "--n-genes", "60"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "ops" / "operators_ov.safetensors.json").read_text())
+    assert manifest["model_family"] == "geneformer" and manifest["shape"] == [3, 4, 60, 60]
+    r = runner.invoke(app, ["screen", str(h5ad), "--operators", str(tmp_path / "ops"), "-o", str(tmp_path / "scr"),
+                            "--label-key", "cell_type", "--donor-key", "donor", "--kinds", "ov", "--fitters", "gmds",
+                            "--random-control", "1"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["bench", str(h5ad), "-o", str(tmp_path / "b"), "--donor-key", "donor", "--label-key",
+                            "cell_type", "--multiclass", "cell_type", "--methods",
+                            "sclens_extracted,extracted_identity,extracted_random,mlp_probe", "--model", str(d),
+                            "--n-splits", "2", "--random-control", "1"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(next((tmp_path / "b").glob("bench_*.json")).read_text())
+    assert {"sclens_extracted", "extracted_identity", "extracted_random", "mlp_probe"} <= {
+        row["method"] for row in res["scores"]}, res["skipped"]
+
+
 def test_pretrain_then_embed(h5ad, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("n_layers: 1\nn_heads: 2\nd_model: 16\nd_hid: 32\ntrain_seq_len: 32\nbatch_size: 8\n"

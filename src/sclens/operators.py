@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
@@ -129,6 +130,8 @@ class OperatorBank:
 
 # ------------------------------------------------------------------------------------------ export
 def _reference_batch(model, adata: ad.AnnData, panel: GenePanel, n_ref_cells: int, seed: int, layer: str | None):
+    """scGPT: every panel gene at a fixed position (panel mode). Rank-value models (Geneformer): each cell's own
+    sentence over all its genes, so the panel genes sit where the cell's ranking puts them (or are absent)."""
     from .models.api import tokenize_adata
 
     rng = np.random.default_rng(seed)
@@ -136,7 +139,70 @@ def _reference_batch(model, adata: ad.AnnData, panel: GenePanel, n_ref_cells: in
     ref = adata[idx]
     if getattr(ref, "isbacked", False):
         ref = ref.to_memory()
+    if _rank_value(model):
+        return tokenize_adata(ref, model, layer=layer, seed=seed), ref
     return tokenize_adata(ref, model, panel=panel, mode="all", layer=layer, seed=seed), ref
+
+
+def _rank_value(model) -> bool:
+    return getattr(model, "family", "scgpt") == "geneformer"
+
+
+def _gene_indexed_means(model, batch, token_ids: np.ndarray, resid: list[str], patterns: list[str], *,
+                        batch_size: int, progress: bool, stop_at_layer: int | None):
+    """Per panel gene, the mean of each ``resid`` activation over the tokens of that gene (cells where it is absent
+    do not count), and per gene pair the mean of each attention ``pattern`` over the cells holding both.
+
+    Returns ``(R, P, counts)``: ``R[name]`` [G, D], ``P[name]`` [H, G, G] (NaN-free: pairs never seen are 0) and
+    the number of reference cells holding each gene [G]."""
+    import torch
+    from tqdm.auto import tqdm
+
+    G = len(token_ids)
+    lookup = torch.full((int(max(token_ids.max(), batch.gene_ids.max())) + 1,), -1, dtype=torch.long)
+    lookup[torch.as_tensor(token_ids)] = torch.arange(G)
+    sums = {n: None for n in resid}
+    psums = {n: None for n in patterns}
+    counts = torch.zeros(G, dtype=torch.float64)
+    pair = torch.zeros(G, G, dtype=torch.float64)
+    cur: dict[str, torch.Tensor] = {}
+
+    def grab(act, hook):
+        cur[hook.name] = act.detach()
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), model.hooks([(n, grab) for n in resid + patterns]):
+            for start in tqdm(range(0, len(batch), batch_size), disable=not progress, desc="running model",
+                              unit="batch"):
+                b = batch[start : start + batch_size].to(model.device)
+                cur.clear()
+                model(b.gene_ids, b.values, b.padding_mask, stop_at_layer=stop_at_layer)
+                gi = lookup[b.gene_ids.cpu()]
+                valid = (gi >= 0) & ~b.padding_mask.cpu()
+                counts.index_add_(0, gi[valid], torch.ones(int(valid.sum()), dtype=torch.float64))
+                for n in resid:
+                    a = cur[n].cpu().double()[valid]
+                    if sums[n] is None:
+                        sums[n] = torch.zeros(G, a.shape[-1], dtype=torch.float64)
+                    sums[n].index_add_(0, gi[valid], a)
+                for i in range(len(b)):
+                    pos = torch.nonzero(valid[i]).ravel()
+                    g = gi[i, pos]
+                    if patterns:
+                        pair[g[:, None], g[None, :]] += 1
+                    for n in patterns:
+                        pt = cur[n][i].cpu().double()[:, pos][:, :, pos]  # [H, k, k]
+                        if psums[n] is None:
+                            psums[n] = torch.zeros(pt.shape[0], G, G, dtype=torch.float64)
+                        psums[n][:, g[:, None], g[None, :]] += pt
+    finally:
+        model.train(was_training)
+    R = {n: (sums[n] if sums[n] is not None else torch.zeros(G, 1, dtype=torch.float64))
+         / counts.clamp(min=1)[:, None] for n in resid}
+    P = {n: psums[n] / pair.clamp(min=1) for n in patterns if psums[n] is not None}
+    return R, P, counts
 
 
 def low_rank_spectral_norm(left, right):
@@ -159,6 +225,13 @@ def export_operators(
     One pass over ``n_ref_cells`` reference cells (sampled with ``seed``) in panel mode collects the mean
     attention patterns (for ``attn``) and each gene token's mean residual at every layer input (for ``qk``
     and ``ov``). Returns ``{kind: OperatorBank}``.
+
+    Rank-value models (Geneformer) have no panel positions: each reference cell is read as its own sentence (all
+    its genes, ranked), a panel gene's residual is averaged over the cells whose sentence holds it, and ``attn`` is
+    the mean pattern among panel genes over the cells holding both (rows renormalised over the panel). Genes held
+    by no reference cell get zero rows and columns, a warning and a list in the manifest
+    (``genes_absent_from_reference``, with ``reference_cells_per_gene``). The data may be raw counts,
+    ``normalize_total`` output or its ``log1p``: the ranks, and so the operators, are the same.
     """
     import torch  # only export needs it: featurising and applying frozen operators must not load torch
 
@@ -180,22 +253,42 @@ def export_operators(
     if early_stop:
         resid[-1] = f"blocks.{L - 2}.hook_normalized_resid_post"
     names = resid + ([f"blocks.{l}.attn.hook_pattern" for l in range(L)] if "attn" in kinds else [])
-    cache = model.run_with_cache(batch, names, batch_size=batch_size, reduce="sum", progress=progress,
-                                 stop_at_layer=L - 1 if early_stop else None)
     n = len(batch)
     base_manifest = {
         "model": getattr(model, "source", "in-memory"), "model_sha256": getattr(model, "checkpoint_sha256", None),
+        "model_family": getattr(model, "family", "scgpt"),
         "n_layers": L, "n_heads": H, "n_reference_cells": n, "seed": seed,
         "reference_set_sha256": array_sha256(batch.gene_ids.numpy(), batch.values.numpy()),
         "reference_cells": list(map(str, ref.obs_names[:10000])), "sclens_version": __version__,
     }
+    patterns = [f"blocks.{l}.attn.hook_pattern" for l in range(L)] if "attn" in kinds else []
+    if _rank_value(model):
+        # rank-value sentences: average each panel gene over the reference cells whose sentence holds it
+        Rm, Pm, held = _gene_indexed_means(model, batch, model.vocab.lookup(panel.genes), resid, patterns,
+                                           batch_size=batch_size, progress=progress,
+                                           stop_at_layer=L - 1 if early_stop else None)
+        R = [Rm[name] for name in resid]
+        pattern_of = {l: Pm[f"blocks.{l}.attn.hook_pattern"] for l in range(L)} if patterns else {}
+        absent = [g for g, c in zip(panel.genes, held.tolist()) if c == 0]
+        base_manifest.update({"reference_cells_per_gene": [int(c) for c in held.tolist()],
+                              "genes_absent_from_reference": absent})
+        if absent:
+            warnings.warn(f"{len(absent)} of {G} panel genes occur in none of the {n} reference cells' sentences "
+                          f"({absent[:5]}...): their operator rows and columns are 0; use more reference cells or a "
+                          "panel of expressed genes", UserWarning, stacklevel=2)
+    else:
+        cache = model.run_with_cache(batch, names, batch_size=batch_size, reduce="sum", progress=progress,
+                                     stop_at_layer=L - 1 if early_stop else None)
+        R = [cache[name][1:].double() / n for name in resid]  # [G, D] per layer
+        # [H, G, G] per layer, <cls> dropped
+        pattern_of = {l: cache[f"blocks.{l}.attn.hook_pattern"].double()[:, 1:, 1:] / n for l in range(L)} \
+            if patterns else {}
     banks: dict[str, OperatorBank] = {}
-    R = [cache[name][1:].double() / n for name in resid]  # [G, D] per layer
     for kind in kinds:
         ops = np.empty((L, H, G, G), dtype=np.float32)
         for l in range(L):
             if kind == "attn":
-                P = cache[f"blocks.{l}.attn.hook_pattern"].double()[:, 1:, 1:] / n  # [H, G, G], drop <cls>
+                P = pattern_of[l]
                 ops[l] = (P / P.sum(-1, keepdim=True).clamp(min=1e-30)).numpy()
                 continue
             for h in range(H):

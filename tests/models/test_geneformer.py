@@ -24,10 +24,11 @@ def _genes():
     return sorted(ensembl_to_symbol())[:N_GENES]
 
 
-def build_checkpoint(folder: Path, *, v2: bool = False, seed: int = 0, max_pos: int = 40) -> Path:
-    """A random HF BertForMaskedLM in the official layout, with dictionaries pickled as the official ones are."""
+def build_checkpoint(folder: Path, *, v2: bool = False, seed: int = 0, max_pos: int = 40, genes=None) -> Path:
+    """A random HF BertForMaskedLM in the official layout, with dictionaries pickled as the official ones are
+    (``genes``: Ensembl ids, default the first 60 of sclens' table)."""
     torch.manual_seed(seed)
-    genes = _genes()
+    genes = list(genes) if genes is not None else _genes()
     specials = ["<pad>", "<mask>"] + (["<cls>", "<eos>"] if v2 else [])
     token_dict = {t: np.int64(i) for i, t in enumerate(specials + genes)}  # numpy scalars, as the real pickles
     rng = np.random.default_rng(seed)
@@ -251,3 +252,67 @@ def test_random_weights_copy_redraws_the_blocks_only(v1):
     assert float(w1.std()) == pytest.approx(float(w0.std()), rel=0.1)
     full = randomize(ours, seed=3, keep_embeddings=False)
     assert not torch.allclose(full.position_embeddings.weight, ours.position_embeddings.weight)
+
+
+def _adata(X, genes):
+    import anndata as ad
+
+    a = ad.AnnData(np.asarray(X, dtype=np.float32))
+    a.var_names = genes
+    a.obs_names = [f"c{i}" for i in range(a.n_obs)]
+    return a
+
+
+def test_gene_indexed_means_match_a_brute_force_average(v1):
+    from sclens.operators import _gene_indexed_means
+
+    _, ours, _ = v1
+    X = np.round(_counts(n_cells=9, seed=11)) + (_counts(n_cells=9, seed=11) > 0)
+    batch = ours.tokenize(X, _genes())
+    panel_ids = ours.vocab.lookup(ours.vocab.genes[5:25])
+    R, P, held = _gene_indexed_means(ours, batch, panel_ids, ["blocks.1.hook_resid_pre"],
+                                     ["blocks.1.attn.hook_pattern"], batch_size=4, progress=False, stop_at_layer=None)
+    full = ours.run_with_cache(batch, ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern"], progress=False)
+    act, pat = full["blocks.1.hook_resid_pre"].double(), full["blocks.1.attn.hook_pattern"].double()
+    for j, t in enumerate(panel_ids):
+        where = [(i, int(p)) for i in range(len(batch)) for p in torch.nonzero(batch.gene_ids[i] == int(t)).ravel()]
+        assert held[j] == len(where)
+        if where:
+            expect = torch.stack([act[i, p] for i, p in where]).mean(0)
+            torch.testing.assert_close(R["blocks.1.hook_resid_pre"][j], expect)
+    a, b = 2, 7  # one gene pair: the mean pattern over the cells holding both
+    ta, tb = int(panel_ids[a]), int(panel_ids[b])
+    vals = [pat[i, :, int(torch.nonzero(batch.gene_ids[i] == ta)[0]), int(torch.nonzero(batch.gene_ids[i] == tb)[0])]
+            for i in range(len(batch)) if (batch.gene_ids[i] == ta).any() and (batch.gene_ids[i] == tb).any()]
+    assert vals
+    torch.testing.assert_close(P["blocks.1.attn.hook_pattern"][:, a, b], torch.stack(vals).mean(0))
+
+
+def test_operators_of_a_geneformer_model(v1):
+    from sclens.data import GenePanel, log_normalize
+    from sclens.operators import export_operators
+
+    _, ours, _ = v1
+    X = np.round(_counts(n_cells=16, seed=13)) + (_counts(n_cells=16, seed=13) > 0)
+    genes = [ensembl_to_symbol()[g] for g in _genes()]
+    panel = GenePanel(tuple(genes[3:30]))
+    banks = export_operators(ours, _adata(X, genes), panel, n_ref_cells=16, progress=False)
+    assert banks["ov"].operators.shape == (3, 4, 27, 27)
+    assert banks["ov"].manifest["model_family"] == "geneformer"
+    held = set(ours.tokenize(X, genes).gene_ids.ravel().tolist())
+    absent = [g for g in panel.genes if ours.vocab[g] not in held]  # truncation at 40 positions drops low ranks
+    assert banks["ov"].manifest["genes_absent_from_reference"] == absent
+    rows = [i for i, g in enumerate(panel.genes) if g not in absent]
+    np.testing.assert_allclose(banks["attn"].operators[:, :, rows].sum(-1), 1.0, atol=1e-5)
+    # log1p(normalize_total) data give the same ranks, hence the same operators
+    logged = _adata(np.asarray(log_normalize(X).todense() if hasattr(log_normalize(X), "todense")
+                               else log_normalize(X)), genes)
+    again = export_operators(ours, logged, panel, kinds=["ov"], n_ref_cells=16, progress=False)
+    np.testing.assert_allclose(again["ov"].operators, banks["ov"].operators, atol=1e-5)
+    # a panel gene no reference cell expresses: zero rows and columns, a warning and the manifest say so
+    X2 = X.copy()
+    X2[:, 3] = 0
+    with pytest.warns(UserWarning, match=f"{len(absent) + 1} of 27 panel genes occur in none"):
+        b2 = export_operators(ours, _adata(X2, genes), panel, kinds=["ov"], n_ref_cells=16, progress=False)
+    assert b2["ov"].manifest["genes_absent_from_reference"][0] == genes[3]
+    assert not b2["ov"].operators[:, :, 0].any() and not b2["ov"].operators[:, :, :, 0].any()

@@ -6,6 +6,7 @@ from typing import Literal
 
 import anndata as ad
 import numpy as np
+import scipy.sparse as sp
 
 from ..data import GenePanel, harmonize_gene_ids, iter_chunks, log_normalize, validate
 from ..errors import InputError
@@ -46,16 +47,27 @@ def resolve_model(model) -> HookedEncoder:
 
 
 def _tokenize_geneformer(adata: ad.AnnData, model, *, panel, mode, layer, var_key) -> TokenBatch:
-    """Rank-value tokens of raw counts; ``n_counts`` from ``obs['n_counts']`` or the totals over every gene."""
+    """Rank-value tokens. A cell's tokens depend only on its ranking of count / gene median, which scaling the cell
+    leaves unchanged: raw counts, ``normalize_total`` output and its ``log1p`` (inverted with ``expm1``) give the
+    same tokens. ``n_counts`` comes from ``obs['n_counts']`` or the totals over every gene of the AnnData."""
+    from ..data import detect_value_kind
+
     if mode == "all":
         raise InputError("Geneformer reads rank-value sentences, which have no fixed panel positions: panel mode "
-                         "('all', used by the gene-space operators) is scGPT's; Geneformer operators are not built yet")
-    validate(adata, layer=layer, require="counts")
+                         "('all') is scGPT's; Geneformer's operators average each panel gene over the cells that hold it")
+    validate(adata, layer=layer)
     X = adata.layers[layer] if layer else adata.X
     if hasattr(X, "to_memory"):
         X = X.to_memory()
+    kind, _ = detect_value_kind(X[: min(2000, adata.n_obs)])
+    if kind == "log1p_normalized":
+        X = X.expm1() if sp.issparse(X) else np.expm1(np.asarray(X, dtype=np.float64))
+    elif kind not in ("counts", "normalized_unlogged"):
+        raise InputError(f"{'layer ' + layer if layer else 'X'} holds {kind.replace('_', ' ')} values: Geneformer's "
+                         "rank-value tokens need raw counts (or normalize_total output, or its log1p); pass the "
+                         "counts layer (layer='counts') or the raw matrix")
     genes = adata.var[var_key].astype(str).tolist() if var_key else list(map(str, adata.var_names))
-    if "n_counts" in adata.obs:
+    if "n_counts" in adata.obs and kind == "counts":
         n_counts = adata.obs["n_counts"].to_numpy(dtype=np.float64)
     else:
         n_counts = np.asarray(X.sum(1)).ravel()
