@@ -195,3 +195,23 @@ def test_degenerate_inputs_get_clear_messages(h5ad, tmp_path, sim_small):
     assert r.exit_code == 2 and "none of the" in r.output and "model vocabulary" in r.output
     r = runner.invoke(app, ["data", str(h5ad)])
     assert r.exit_code == 0 and "are model tokens" in r.output
+
+
+def test_device_option(h5ad, tmp_path):
+    import torch
+
+    from sclens.errors import InputError
+    from sclens.models.api import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("CPU") == "cpu"
+    with pytest.raises(InputError, match="auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the missing-CUDA message cannot be checked here")
+    with pytest.raises(InputError, match="CUDA is not available here"):
+        resolve_device("cuda:0")
+    r = runner.invoke(app, ["embed", str(h5ad), "-o", str(tmp_path / "e.h5ad"), "--device", "cuda"])
+    assert r.exit_code == 2 and "CUDA is not available here" in r.output
+    r = runner.invoke(app, ["export-operators", str(h5ad), "-o", str(tmp_path / "ops"), "--device", "cuda"])
+    assert r.exit_code == 2 and "use --device cpu or auto" in r.output

@@ -166,6 +166,7 @@ def embed(
     pooling: Optional[str] = typer.Option(None, help="'cls' or 'avg' (default: the family's official rule)."),
     batch_size: int = typer.Option(64),
     seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
 ) -> None:
     """Cell embeddings of a foundation model (scGPT: official embed_data rules into obsm['X_scgpt']; Geneformer:
     EmbExtractor rules on raw counts into obsm['X_geneformer'])."""
@@ -181,7 +182,7 @@ def embed(
         adata = read_h5ad(path)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            m = resolve_model(model)
+            m = resolve_model(model, device)
             embed_cells(adata, m, var_key=var_key, layer=layer, pooling=pooling, batch_size=batch_size, seed=seed)
         for w in caught:
             if issubclass(w.category, UserWarning):
@@ -205,6 +206,7 @@ def pretrain(
     mvc: Optional[bool] = typer.Option(None, help="Add the cell-embedding (MVC) objective."),
     seed: Optional[int] = typer.Option(None), layer: Optional[str] = typer.Option(None),
     var_key: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (default: the config's, else cpu)."),
 ) -> None:
     """Pretrain an scGPT-architecture model (masked expression) and write the official checkpoint layout."""
     import dataclasses
@@ -225,6 +227,10 @@ def pretrain(
         overrides = dict(steps=steps, n_layers=layers, n_heads=heads, d_model=d_model, d_hid=d_hid,
                          train_seq_len=seq_len, batch_size=batch_size, lr=lr, mvc=mvc, seed=seed)
         fields.update({k: v for k, v in overrides.items() if v is not None})
+        if device is not None or "device" in fields:
+            from .models.api import resolve_device
+
+            fields["device"] = resolve_device(device if device is not None else fields["device"])
         cfg = PretrainConfig(**fields)
         datasets = [harmonize_gene_ids(read_h5ad(p), var_key=var_key) for p in paths]
         res = pretrain_scgpt(datasets, cfg, out_dir=out, layer=layer,
@@ -250,6 +256,7 @@ def export_operators_cmd(
     n_ref_cells: int = typer.Option(256, help="Reference cells averaged for attn / residual means."),
     var_key: Optional[str] = typer.Option(None), layer: Optional[str] = typer.Option(None),
     batch_size: int = typer.Option(8), seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
 ) -> None:
     """Export the frozen G x G gene-space operator of every attention unit."""
     from .data import GenePanel, harmonize_gene_ids, read_h5ad, select_panel
@@ -258,7 +265,7 @@ def export_operators_cmd(
     from .utils import write_json
 
     try:
-        m = resolve_model(model)
+        m = resolve_model(model, device)
         adata = harmonize_gene_ids(read_h5ad(data_path), var_key=var_key, vocabulary=m.vocab.genes)
         panel = (GenePanel.from_dict(json.loads(panel_file.read_text())) if panel_file
                  else select_panel(adata, m.vocab.genes, n_genes=n_genes, layer=layer))
@@ -290,6 +297,8 @@ def screen_cmd(
                                        "'learned' gate (0: skip; the gate is then not evaluated)."),
     model: Optional[Path] = typer.Option(None, help="Checkpoint the operators came from, for the random-weights copies "
                                          "(default: the one recorded in the operators' manifest)."),
+    device: str = typer.Option("auto", help="Where the random-weights copies' operators are exported: auto (CUDA "
+                                            "when present), cpu, cuda or cuda:N."),
 ) -> None:
     """Screen every unit x featurisation x fitter against the developmental ruler, under the gates."""
     from .anchors import build_anchors
@@ -309,7 +318,10 @@ def screen_cmd(
                                 dag=stage_dag, min_cells=min_cells, max_cells=max_cells, layer=layer, seed=seed)
         controls = []
         if random_control:
+            from .models.api import resolve_device
+
             m, manifest = _model_of_banks(banks, model)
+            m = m.to(resolve_device(device))
             controls = export_random_controls(m, adata, panel, list(banks), n_copies=random_control,
                                               n_ref_cells=int(manifest.get("n_reference_cells", 256)),
                                               seed=int(manifest.get("seed", 0)), layer=layer)
@@ -507,6 +519,8 @@ def bench_cmd(
     layer: Optional[str] = typer.Option(None),
     random_control: Optional[int] = typer.Option(None, help="Random-weights copies behind the extracted_random control "
                                                  "row (default 3; 0 skips it)."),
+    device: str = typer.Option("auto", help="Where the frozen model runs (operator export, embeddings): auto (CUDA "
+                                            "when present), cpu, cuda or cuda:N."),
 ) -> None:
     """Donor-holdout benchmark of the extracted algorithm against the usual tools, on any labelled dataset."""
     from .bench import BenchConfig, Endpoint, parse_binary_spec, read_bench_config, run_campaign
@@ -535,7 +549,10 @@ def bench_cmd(
             else:
                 cfg.endpoints.append(Endpoint(spec, kind, spec))
         adata = read_h5ad(data_path)
-        res = run_campaign(adata, cfg, model=str(model) if model else None, name=name or data_path.stem, layer=layer)
+        from .models.api import resolve_model
+
+        res = run_campaign(adata, cfg, model=resolve_model(str(model) if model else None, device),
+                           name=name or data_path.stem, layer=layer)
         paths = res.save(out)
         typer.echo(res.summary.to_string(index=False, max_colwidth=28,
                                          columns=["endpoint", "metric", "method", "mean", "ci_low", "ci_high", "saturated"]))

@@ -292,7 +292,7 @@ def export_operators(
                 ops[l] = (P / P.sum(-1, keepdim=True).clamp(min=1e-30)).numpy()
                 continue
             for h in range(H):
-                w = {k: v.double() for k, v in model.head_weights(l, h).items()}
+                w = {k: v.detach().cpu().double() for k, v in model.head_weights(l, h).items()}
                 if kind == "qk":
                     q = R[l] @ w["W_Q"] + w["b_Q"]
                     k = R[l] @ w["W_K"] + w["b_K"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import anndata as ad
@@ -35,15 +36,39 @@ def load_model(path, *, device: str = "cpu", allow_unsupported: bool = False) ->
           "pytorch_model.bin + its token and gene-median dictionaries")
 
 
-def resolve_model(model) -> HookedEncoder:
-    """Accept a loaded model (either family), a checkpoint directory, or None (the embedded default)."""
+def resolve_device(device: str | None = "auto") -> str:
+    """``auto`` (CUDA when torch sees a GPU, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; a GPU asked for but not
+    present is a clear error, not a silent fall-back."""
+    import torch
+
+    d = (device or "auto").strip().lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "cpu":
+        return "cpu"
+    if re.fullmatch(r"cuda(:\d+)?", d):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                             f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'}); use "
+                             "--device cpu or auto")
+        idx = int(d.split(":")[1]) if ":" in d else 0
+        if idx >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return d
+    raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def resolve_model(model, device: str | None = None) -> HookedEncoder:
+    """Accept a loaded model (either family), a checkpoint directory, or None (the embedded default); with
+    ``device`` (see :func:`resolve_device`) the model is placed there."""
     from . import load_default_model
 
+    dev = resolve_device(device) if device is not None else None
     if model is None:
-        return load_default_model()
+        return load_default_model(device=dev or "cpu")
     if isinstance(model, HookedEncoder):
-        return model
-    return load_model(model)
+        return model.to(dev) if dev else model
+    return load_model(model, device=dev or "cpu")
 
 
 def _tokenize_geneformer(adata: ad.AnnData, model, *, panel, mode, layer, var_key) -> TokenBatch:
