@@ -215,3 +215,21 @@ def test_device_option(h5ad, tmp_path):
     assert r.exit_code == 2 and "CUDA is not available here" in r.output
     r = runner.invoke(app, ["export-operators", str(h5ad), "-o", str(tmp_path / "ops"), "--device", "cuda"])
     assert r.exit_code == 2 and "use --device cpu or auto" in r.output
+
+
+def test_pretrain_a_geneformer_then_embed(h5ad, tmp_path):
+    pytest.importorskip("transformers")
+    r = runner.invoke(app, ["pretrain", str(h5ad), "-o", str(tmp_path / "gf"), "--family", "geneformer", "--steps", "5",
+                            "--layers", "1", "--heads", "2", "--d-model", "16", "--d-hid", "32", "--seq-len", "32",
+                            "--batch-size", "8"])
+    assert r.exit_code == 0, r.output
+    assert "masked-gene cross-entropy" in r.output
+    r = runner.invoke(app, ["embed", str(h5ad), "-o", str(tmp_path / "e.h5ad"), "--model", str(tmp_path / "gf")])
+    assert r.exit_code == 0, r.output
+    import anndata as ad
+
+    assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_geneformer"].shape == (360, 16)
+    r = runner.invoke(app, ["pretrain", str(h5ad), "-o", str(tmp_path / "x"), "--family", "geneformer", "--mvc"])
+    assert r.exit_code == 2 and "--mvc is an scGPT objective" in r.output
+    r = runner.invoke(app, ["pretrain", str(h5ad), "-o", str(tmp_path / "x"), "--family", "bert"])
+    assert r.exit_code == 2 and "--family must be" in r.output

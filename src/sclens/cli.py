@@ -198,7 +198,8 @@ def embed(
 def pretrain(
     paths: List[Path] = typer.Argument(..., help="One or more .h5ad files of raw counts."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint dir to write (official layout)."),
-    config: Optional[Path] = typer.Option(None, help="JSON/YAML file of PretrainConfig fields."),
+    config: Optional[Path] = typer.Option(None, help="JSON/YAML file of PretrainConfig (or, with --family geneformer, "
+                                          "GeneformerPretrainConfig) fields."),
     steps: Optional[int] = typer.Option(None), layers: Optional[int] = typer.Option(None),
     heads: Optional[int] = typer.Option(None), d_model: Optional[int] = typer.Option(None),
     d_hid: Optional[int] = typer.Option(None), seq_len: Optional[int] = typer.Option(None, help="Training tokens per cell."),
@@ -207,34 +208,52 @@ def pretrain(
     seed: Optional[int] = typer.Option(None), layer: Optional[str] = typer.Option(None),
     var_key: Optional[str] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (default: the config's, else cpu)."),
+    family: str = typer.Option("scgpt", help="'scgpt' (masked expression, official scGPT layout) or 'geneformer' "
+                                             "(masked genes on rank-value sentences, HF BERT layout)."),
 ) -> None:
-    """Pretrain an scGPT-architecture model (masked expression) and write the official checkpoint layout."""
+    """Pretrain an scGPT-architecture model (masked expression) or a Geneformer-architecture model (masked genes on
+    rank-value sentences) and write the family's official layout. --config fields: PretrainConfig (scgpt) or
+    GeneformerPretrainConfig (geneformer); --seq-len sets the training tokens per cell of either."""
     import dataclasses
 
     import yaml
 
     from .data import harmonize_gene_ids, read_h5ad
+    from .models.api import resolve_device
     from .models.pretrain import PretrainConfig, pretrain_scgpt
+    from .models.pretrain_geneformer import GeneformerPretrainConfig, pretrain_geneformer
 
     try:
+        if family not in ("scgpt", "geneformer"):
+            raise SclensError(f"--family must be 'scgpt' or 'geneformer', got {family!r}")
+        cls = PretrainConfig if family == "scgpt" else GeneformerPretrainConfig
         fields = {}
         if config:
             fields = yaml.safe_load(config.read_text()) or {}
-            known = {f.name for f in dataclasses.fields(PretrainConfig)}
+            known = {f.name for f in dataclasses.fields(cls)}
             bad = sorted(set(fields) - known)
             if bad:
-                raise SclensError(f"unknown PretrainConfig field(s) {bad} in {config}; known: {sorted(known)}")
+                raise SclensError(f"unknown {cls.__name__} field(s) {bad} in {config}; known: {sorted(known)}")
+        if family == "geneformer" and mvc is not None:
+            raise SclensError("--mvc is an scGPT objective; Geneformer pretraining is masked-gene modelling")
         overrides = dict(steps=steps, n_layers=layers, n_heads=heads, d_model=d_model, d_hid=d_hid,
-                         train_seq_len=seq_len, batch_size=batch_size, lr=lr, mvc=mvc, seed=seed)
+                         batch_size=batch_size, lr=lr, seed=seed)
+        overrides["train_seq_len" if family == "scgpt" else "train_len"] = seq_len
+        if family == "scgpt":
+            overrides["mvc"] = mvc
         fields.update({k: v for k, v in overrides.items() if v is not None})
         if device is not None or "device" in fields:
-            from .models.api import resolve_device
-
             fields["device"] = resolve_device(device if device is not None else fields["device"])
-        cfg = PretrainConfig(**fields)
+        cfg = cls(**fields)
         datasets = [harmonize_gene_ids(read_h5ad(p), var_key=var_key) for p in paths]
-        res = pretrain_scgpt(datasets, cfg, out_dir=out, layer=layer,
-                             extra_provenance={"inputs": [str(p) for p in paths]})
+        prov = {"inputs": [str(p) for p in paths]}
+        if family == "geneformer":
+            _, log = pretrain_geneformer(datasets, cfg, out_dir=out, layer=layer, extra_provenance=prov)
+            typer.echo(f"wrote {out} ({log['n_parameters']:,} parameters, {log['vocab_size']:,} tokens; final held-out "
+                       f"masked-gene cross-entropy {log['final_eval']['ce']:.3f}, gene frequencies alone "
+                       f"{log['unigram_baseline_ce']:.3f})")
+            return
+        res = pretrain_scgpt(datasets, cfg, out_dir=out, layer=layer, extra_provenance=prov)
         typer.echo(f"wrote {out} ({res.log['n_parameters']:,} parameters, final held-out masked MSE "
                    f"{res.log['final_eval']['mlm']:.3f}, constant predictor {res.log['eval_constant_predictor_mse']:.3f})")
     except SclensError as exc:

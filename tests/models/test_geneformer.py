@@ -316,3 +316,32 @@ def test_operators_of_a_geneformer_model(v1):
         b2 = export_operators(ours, _adata(X2, genes), panel, kinds=["ov"], n_ref_cells=16, progress=False)
     assert b2["ov"].manifest["genes_absent_from_reference"][0] == genes[3]
     assert not b2["ov"].operators[:, :, 0].any() and not b2["ov"].operators[:, :, :, 0].any()
+
+
+def test_pretrain_geneformer_learns_and_writes_the_official_layout(sim_small, tmp_path):
+    from sclens.models.pretrain_geneformer import GeneformerPretrainConfig, corpus_dictionaries, pretrain_geneformer
+
+    tokens, medians, unmapped = corpus_dictionaries([sim_small])
+    assert unmapped == 0 and tokens["<pad>"] == 0 and tokens["<mask>"] == 1
+    g = sim_small.var_names[5]
+    ens = {s: e for e, s in ensembl_to_symbol().items()}[g]
+    x = np.asarray(sim_small.X[:, 5].todense()).ravel() if sp.issparse(sim_small.X) else sim_small.X[:, 5]
+    n = np.asarray(sim_small.X.sum(1)).ravel()
+    assert medians[ens] == pytest.approx(np.median((x / n * 10_000)[x > 0]))
+    cfg = GeneformerPretrainConfig(n_layers=2, n_heads=2, d_model=32, d_hid=64, max_len=128, train_len=64, steps=300,
+                                   batch_size=16, lr=3e-3, warmup_steps=10, eval_every=40, eval_cells=64)
+    model, log = pretrain_geneformer(sim_small, cfg, out_dir=tmp_path / "gf", progress=False)
+    first, last = log["eval"][0]["ce"], log["final_eval"]["ce"]
+    # it reads the context: below uniform guessing at the start and below the genes' frequencies alone
+    assert last < first - 0.25 and last < log["unigram_baseline_ce"] - 0.1
+    again = load_geneformer(tmp_path / "gf")
+    batch = again.tokenize(sim_small.X[:8], list(sim_small.var_names))
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch.gene_ids, None, batch.padding_mask),
+                                   model(batch.gene_ids, None, batch.padding_mask))
+        out = hf_model(tmp_path / "gf")(input_ids=batch.gene_ids, attention_mask=(~batch.padding_mask).long(),
+                                        output_hidden_states=True)
+        real = ~batch.padding_mask
+        torch.testing.assert_close(out.hidden_states[-1][real], again(batch.gene_ids, None, batch.padding_mask)[real],
+                                   atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "gf" / "training_log.json").is_file() and (tmp_path / "gf" / "loss_curve.png").is_file()
