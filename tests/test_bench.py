@@ -198,6 +198,13 @@ def test_cli_bench_unfamiliar_columns_ensembl_ids_and_own_endpoint_file(tmp_path
     a = a[:, keep].copy()
     a.var["symbol"] = a.var_names
     a.var_names = [sym2ens[g] for g in keep]
+    # as a OneK1K download: some Ensembl ids have no symbol (about 6 %: once kept, they read as "mixed" ids)
+    import scipy.sparse as sp
+
+    n_fake = max(3, len(keep) // 16)
+    extra = ad.AnnData(sp.csr_matrix(np.ones((a.n_obs, n_fake), dtype=np.float32)), obs=a.obs[[]])
+    extra.var_names = [f"ENSG9999999{i:04d}" for i in range(n_fake)]
+    a = ad.concat([a, extra], axis=1, merge="first")
     a.write_h5ad(tmp_path / "mine.h5ad")
     (tmp_path / "endpoints.toml").write_text(
         'donor_key = "individual"\nlabel_key = "annot"\nn_splits = 3\nscvi_epochs = 2\n'
@@ -210,13 +217,14 @@ def test_cli_bench_unfamiliar_columns_ensembl_ids_and_own_endpoint_file(tmp_path
         '[[endpoint]]\nname = "maturity"\nkind = "depth"\ncolumn = "maturity"\n')
     r = CliRunner().invoke(app, ["bench", str(tmp_path / "mine.h5ad"), "--endpoints", str(tmp_path / "endpoints.toml"),
                                  "-o", str(tmp_path / "rep"), "--methods",
-                                 "sclens_extracted,extracted_identity,extracted_random,raw_log1p,pca10,dpt",
+                                 "sclens_extracted,extracted_identity,extracted_random,raw_log1p,pca10,dpt,mlp_probe",
                                  "--random-control", "1", "--name", "mine"])
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "rep" / "bench_mine.json").read_text())
     assert rep["info"]["panel_size"] == len(keep) < 1200 and "panel" in r.output
     got = {(s["endpoint"], s["method"]) for s in rep["summary"]}
     assert ("cd8_vs_cd4", "sclens_extracted") in got and ("maturity", "dpt") in got and ("types", "pca10") in got
+    assert ("types", "mlp_probe") in got, rep["skipped"]  # the frozen model embeds the harmonised cells
     assert all(c["reference"] == "sclens_extracted" and c["q"] is not None for c in rep["comparisons"] if c["p"] is not None)
     floor = [s for s in rep["summary"] if s["endpoint"] == "cd8_vs_cd4"][0]
     assert keep[0] in floor["floor_rule"] and floor["floor"] > 0.8  # the planted marker gene separates the classes

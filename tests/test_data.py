@@ -169,3 +169,21 @@ def test_read_h5ad_backed_and_missing(tmp_path, sim_small):
     (tmp_path / "bad.h5ad").write_text("not hdf5")
     with pytest.raises(InputError, match="could not be read"):
         read_h5ad(tmp_path / "bad.h5ad")
+
+
+def test_onek1k_style_ensembl_ids_with_unmapped_ones_are_dropped_and_harmonising_is_idempotent():
+    from sclens.data import ensembl_to_symbol
+
+    mapped = sorted(ensembl_to_symbol())[:948]
+    ids = mapped + [f"ENSG9999999{i:04d}" for i in range(52)]  # 52 of 1,000 without a symbol (5.2 %: "mixed" once kept)
+    rng = np.random.default_rng(0)
+    a = _adata(rng.poisson(1.0, size=(5, 1000)).astype(np.float32), ids)
+    with pytest.warns(UserWarning, match="52 of 1000 Ensembl ids have no HGNC symbol"):
+        once = harmonize_gene_ids(a)
+    assert once.n_vars == 948 and detect_gene_id_type(once.var_names) == "symbol"
+    assert list(once.var["sclens_original_id"]) == mapped
+    twice = harmonize_gene_ids(once)
+    assert list(twice.var_names) == list(once.var_names)
+    dense = lambda m: m.toarray() if hasattr(m, "toarray") else np.asarray(m)  # noqa: E731
+    np.testing.assert_array_equal(dense(twice.X), dense(once.X))
+    assert list(twice.var["sclens_original_id"]) == mapped

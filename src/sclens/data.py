@@ -87,7 +87,8 @@ def detect_gene_id_type(names: Sequence[str]) -> Literal["symbol", "ensembl", "m
 
 
 def gene_symbols(ids: Sequence[str], *, min_matched: float = 0.5, hint_columns: Sequence[str] = ()) -> pd.Index:
-    """Gene ids as HGNC symbols: symbols pass through, human Ensembl ids are mapped (unmapped ones kept).
+    """Gene ids as HGNC symbols: symbols pass through, human Ensembl ids are mapped (unmapped ones kept here;
+    :func:`harmonize_gene_ids` drops them).
 
     Mixed id types, or Ensembl ids of which fewer than ``min_matched`` map, raise a clear error.
     """
@@ -125,6 +126,9 @@ def harmonize_gene_ids(
 ) -> ad.AnnData:
     """Return an AnnData whose ``var_names`` are HGNC symbols.
 
+    Human Ensembl ids are mapped with sclens' table; those it cannot map are dropped with a warning naming how
+    many (a new AnnData is then returned even with ``copy=False``). Harmonising harmonised data changes nothing.
+
     Parameters
     ----------
     var_key
@@ -143,8 +147,16 @@ def harmonize_gene_ids(
     out = adata.copy() if copy else adata
     if not symbols.equals(ids):
         out.var["sclens_original_id"] = list(ids)
-    ids = symbols
-    out.var_names = ids
+    # Ensembl ids with no symbol in the table match no vocabulary token and would make the ids "mixed" on the next
+    # pass: they are dropped (and counted), so harmonising harmonised data is a no-op
+    unmapped = np.array([bool(ENSEMBL_RE.match(s)) for s in symbols]) if detect_gene_id_type(ids) == "ensembl" \
+        else np.zeros(len(ids), dtype=bool)
+    out.var_names = symbols
+    if unmapped.any():
+        warnings.warn(f"{int(unmapped.sum())} of {len(ids)} Ensembl ids have no HGNC symbol in sclens' table and are "
+                      f"dropped (e.g. {preview(list(symbols[unmapped]), 3)})", UserWarning, stacklevel=2)
+        out = out[:, ~unmapped].copy()
+    ids = out.var_names
     if not out.var_names.is_unique:
         dup = out.var_names[out.var_names.duplicated()].unique()
         raise InputError(
