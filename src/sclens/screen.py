@@ -34,7 +34,7 @@ from .errors import DATA_ERRORS, InputError
 from .manifold import (FITTERS, degenerate_reason, evaluate, fit_manifold, latent_distances, learned_statistic,
                        spearman_pairs, trustworthiness, twonn_dimension)
 from .operators import OperatorBank
-from .utils import array_sha256, package_versions, write_json
+from .utils import array_sha256, package_versions, restores_torch_threads, write_json
 
 
 def load_gates(path: str | Path | None = None) -> tuple[dict, str]:
@@ -134,6 +134,7 @@ def _cached(cache_file: Path | None, key: str):
     return None
 
 
+@restores_torch_threads
 def _rows(cache_file: Path | None, key: str, F_args: tuple, fitters, base: dict, fit_one) -> list[dict]:
     """One featurisation x every fitter: the resume cache, the degeneracy check and the failure record around
     ``fit_one(F, fitter) -> metrics``."""

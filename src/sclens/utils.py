@@ -83,3 +83,22 @@ def package_versions(names=("sclens", "torch", "numpy", "scipy", "anndata", "sca
         except PackageNotFoundError:
             out[n] = None
     return out
+
+
+def restores_torch_threads(fn: Callable) -> Callable:
+    """Decorator: whatever thread count ``fn`` sets for torch (``torch.set_num_threads``) is undone when it returns
+    or raises, so a training or screening call does not leave the caller's process single-threaded."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
+
+    return wrapper

@@ -144,3 +144,22 @@ def test_source_batches_draw_every_batch_from_one_source(sim_small):
         if flag:
             assert {d[0][0] for d in draws} == {0, 1}  # both sources still get batches
             assert all(len({r for _, r in d}) == len(d) for d in draws)  # no cell twice in a batch
+
+
+def test_the_callers_torch_thread_count_is_restored(sim_small):
+    import torch
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    pretrain_scgpt(sim_small, PretrainConfig(steps=2, seed=1, threads=want, **CFG), progress=False)
+    assert torch.get_num_threads() == before
+    from sclens.utils import restores_torch_threads
+
+    @restores_torch_threads
+    def sets_then_fails():
+        torch.set_num_threads(want)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):  # also when the call fails
+        sets_then_fails()
+    assert torch.get_num_threads() == before

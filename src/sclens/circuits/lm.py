@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, InputError
 from ..models.hooks import ActivationCache, HookedRootModule, HookPoint, NamesFilter
-from ..utils import file_sha256, package_versions, write_json
+from ..utils import file_sha256, package_versions, restores_torch_threads, write_json
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<celltype>")
 VOCAB_FILE = "sclens_vocab.json"
@@ -561,6 +561,7 @@ def celltype_losses(forward, seqs: Sequence[Sequence[int]], vocab: CellSentenceV
     return {"gene_ce": tot["gene_ce"] / n, "celltype_ce": tot["celltype_ce"] / n, "celltype_accuracy": tot["correct"] / n}
 
 
+@restores_torch_threads
 def train_cell_lm(adata, label_key: str, config: CellLMConfig | None = None, *, out_dir: str | Path | None = None,
                   var_key: str | None = None, layer: str | None = None, progress: bool = True) -> CellLMResult:
     """Train a gene-level cell-sentence GPT-NeoX from scratch on ``adata`` (cells with a cell-type column).

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..utils import array_sha256, atomic_write, package_versions, write_json
+from ..utils import array_sha256, atomic_write, package_versions, restores_torch_threads, write_json
 from .interpret import feature_activity, interpret_features
 from .transcoders import Transcoder, TranscoderConfig, check_layers, train_transcoder
 
@@ -87,6 +87,7 @@ def harvest_residuals(model, adata, *, layers: Sequence[int] | None = None, max_
     return {l: torch.cat(v) for l, v in xs.items()}, torch.cat(ids), torch.cat(cells)
 
 
+@restores_torch_threads
 def train_sae_atlas(adata, label_key: str | None = None, *, model=None, config: TranscoderConfig | None = None,
                     layers: Sequence[int] | None = None, max_len: int = 256, n_genes: int = 25, min_count: int = 5,
                     alpha: float = 0.05, var_key: str | None = None, layer: str | None = None,

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, InputError
-from ..utils import atomic_write, package_versions, write_json
+from ..utils import atomic_write, package_versions, restores_torch_threads, write_json
 
 SPARSITY_KINDS = ("topk", "l1")
 
@@ -155,6 +155,7 @@ class TrainedTranscoder:
     history: list = field(default_factory=list)
 
 
+@restores_torch_threads
 def train_transcoder(x: torch.Tensor, y: torch.Tensor | None, config: TranscoderConfig | None = None, *,
                      desc: str = "transcoder", progress: bool = True) -> TrainedTranscoder:
     """Fit a transcoder ``x -> y`` (an SAE when ``y`` is None) on token rows; metrics on a held-out share.
@@ -385,6 +386,7 @@ def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     return layers
 
 
+@restores_torch_threads
 def train_transcoders(model, sentences, labels, config: TranscoderConfig | None = None, *,
                       layers: Sequence[int] | None = None, eval_sentences=None, eval_labels=None,
                       progress: bool = True) -> TranscoderSet:

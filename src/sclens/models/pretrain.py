@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..utils import write_json
+from ..utils import restores_torch_threads, write_json
 from .config import ScGPTConfig
 from .io import save_scgpt
 from .scgpt import HookedScGPT
@@ -225,6 +225,7 @@ def _step_losses(model, sampler: "_CellSampler", cells, cfg: PretrainConfig) -> 
     return out
 
 
+@restores_torch_threads
 def pretrain_scgpt(
     data: ad.AnnData | Sequence[ad.AnnData],
     config: PretrainConfig | None = None,

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..utils import atomic_write, write_json
+from ..utils import atomic_write, restores_torch_threads, write_json
 from .geneformer import ENSEMBL_RE, TARGET_SUM, GeneformerConfig, HookedGeneformer, save_geneformer
 
 
@@ -114,6 +114,7 @@ def _mask(ids: torch.Tensor, pad: torch.Tensor, special: torch.Tensor, cfg, voca
     return inp, chosen
 
 
+@restores_torch_threads
 def pretrain_geneformer(data: ad.AnnData | Sequence[ad.AnnData], config: GeneformerPretrainConfig | None = None, *,
                         layer: str | None = None, out_dir: str | Path | None = None, progress: bool = True,
                         extra_provenance: dict | None = None) -> tuple[HookedGeneformer, dict]:
