@@ -20,6 +20,16 @@ from .tokenize import TokenBatch
 class HookedEncoder(HookedRootModule):
     """Base class of the hooked foundation models (TransformerLens-style hook names, ``run_with_cache``)."""
 
+    def run_blocks(self, x: torch.Tensor, padding_mask: torch.Tensor | None,
+                   stop_at_layer: int | None = None) -> torch.Tensor:
+        """The layers on the embedded input ``x`` (pads masked as keys), up to the input of ``stop_at_layer``."""
+        pad = padding_mask if padding_mask is not None and bool(padding_mask.any()) else None
+        for i, block in enumerate(self.blocks):
+            if stop_at_layer is not None and i >= stop_at_layer:
+                break
+            x = block(x, pad)
+        return x
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

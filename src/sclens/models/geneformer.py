@@ -208,12 +208,7 @@ class HookedGeneformer(HookedEncoder):
         x = (self.hook_tok_embed(self.word_embeddings(gene_ids)) + self.hook_pos_embed(self.position_embeddings(pos))
              + self.token_type_embeddings.weight[0])
         x = self.hook_embed(self.embed_dropout(self.embed_ln(x)))
-        pad = padding_mask if padding_mask is not None and bool(padding_mask.any()) else None
-        for i, block in enumerate(self.blocks):
-            if stop_at_layer is not None and i >= stop_at_layer:
-                break
-            x = block(x, pad)
-        return x
+        return self.run_blocks(x, padding_mask, stop_at_layer)
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Masked-gene logits [B, S, vocab_size] from the last hidden states (HF ``BertOnlyMLMHead``)."""

@@ -94,6 +94,14 @@ class PretrainConfig:
         )
 
 
+def warmup_cosine_lr(step: int, lr: float, warmup_steps: int, steps: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then a cosine decay to 5 % of it at ``steps``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    frac = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 @dataclass
 class PretrainResult:
     model: HookedScGPT
@@ -304,10 +312,7 @@ def pretrain_scgpt(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        return warmup_cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
 
     probe_eval = _probe_fn(probe, cfg.seed) if probe is not None else None
 

@@ -13,7 +13,6 @@ The result loads with :func:`~sclens.models.load_geneformer` and with HF ``BertF
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..utils import atomic_write, restores_torch_threads, write_json
 from .geneformer import ENSEMBL_RE, TARGET_SUM, GeneformerConfig, HookedGeneformer, save_geneformer
+from .pretrain import warmup_cosine_lr
 
 
 @dataclass
@@ -213,18 +213,12 @@ def pretrain_geneformer(data: ad.AnnData | Sequence[ad.AnnData], config: Genefor
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-
     history, evals = [], [{"step": 0, **evaluate()}]
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), disable=not progress, desc="pretraining geneformer", unit="step")
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = warmup_cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
         ids, pad = collate(rng.choice(train_idx, size=cfg.batch_size, replace=False))
         loss, acc = loss_on(ids, pad, gen)
         if not torch.isfinite(loss):

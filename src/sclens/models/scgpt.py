@@ -246,12 +246,7 @@ class HookedScGPT(HookedEncoder):
     ) -> torch.Tensor:
         """Final hidden states [B, S, D] (or the input of layer ``stop_at_layer``). Pad rows are undefined."""
         x, _ = self.embed(gene_ids, values)
-        pad = padding_mask if padding_mask is not None and bool(padding_mask.any()) else None
-        for i, block in enumerate(self.blocks):
-            if stop_at_layer is not None and i >= stop_at_layer:
-                break
-            x = block(x, pad)
-        return x
+        return self.run_blocks(x, padding_mask, stop_at_layer)
 
     def n_parameters(self, backbone_only: bool = False) -> int:
         mods = [self.encoder, self.value_encoder, self.blocks] if backbone_only else [self]
