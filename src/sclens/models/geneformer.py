@@ -287,7 +287,10 @@ class HookedGeneformer(HookedEncoder):
         ens_u = uniq[order]
         tokens = np.array([self.token_dict[e] for e in ens_u], dtype=np.int64)
         medians = np.array([self.gene_median[e] for e in ens_u], dtype=np.float64)
-        Xn = sp.csr_matrix(Xg.multiply(1.0 / n_counts[:, None]).multiply(TARGET_SUM / medians[None, :]))
+        # x / n_counts * 10,000 / median, in the official order of operations (so exact ties stay exact)
+        Xn = sp.csr_matrix(Xg, dtype=np.float64, copy=True)
+        rows = np.repeat(np.arange(n), np.diff(Xn.indptr))
+        Xn.data = Xn.data / n_counts[rows] * TARGET_SUM / medians[Xn.indices]
         Xn.eliminate_zeros()
         limit = self.model_input_size - (2 if self.special_token else 0)
         seqs, vals, empty = [], [], 0
