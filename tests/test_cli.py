@@ -215,6 +215,8 @@ def test_device_option(h5ad, tmp_path):
     assert r.exit_code == 2 and "CUDA is not available here" in r.output
     r = runner.invoke(app, ["export-operators", str(h5ad), "-o", str(tmp_path / "ops"), "--device", "cuda"])
     assert r.exit_code == 2 and "use --device cpu or auto" in r.output
+    r = runner.invoke(app, ["circuits", "sae", str(h5ad), "-o", str(tmp_path / "sae"), "--device", "cuda:1"])
+    assert r.exit_code == 2 and "CUDA is not available here" in r.output
 
 
 def test_pretrain_a_geneformer_then_embed(h5ad, tmp_path):

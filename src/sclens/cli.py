@@ -795,15 +795,19 @@ def circuits_sae(
     layers: Optional[str] = typer.Option(None), k: int = typer.Option(16), expansion: int = typer.Option(4),
     epochs: int = typer.Option(4), max_tokens: int = typer.Option(100_000), max_len: int = typer.Option(256),
     seed: int = typer.Option(0), var_key: Optional[str] = typer.Option(None),
+    device: str = typer.Option("auto", help="Where the model's forward passes run: auto (CUDA when present), cpu, "
+                                            "cuda or cuda:N (the SAEs train on the CPU)."),
 ) -> None:
     """TopK SAEs on the residual stream of every layer of an scGPT model: the feature atlas (JSON + HTML)."""
     from .circuits.sae import train_sae_atlas
     from .circuits.transcoders import TranscoderConfig
     from .data import read_h5ad
+    from .models.api import resolve_model
 
     try:
         cfg = TranscoderConfig(kind="topk", k=k, expansion=expansion, epochs=epochs, max_tokens=max_tokens, seed=seed)
-        atlas = train_sae_atlas(read_h5ad(data_path), label_key, model=str(model) if model else None, config=cfg,
+        m = resolve_model(str(model) if model else None, device)
+        atlas = train_sae_atlas(read_h5ad(data_path), label_key, model=m, config=cfg,
                                 layers=_layers_opt(layers), max_len=max_len, var_key=var_key)
         paths = atlas.save(out)
         typer.echo(atlas.summary().to_string(index=False))
