@@ -151,57 +151,46 @@ def _rank_value(model) -> bool:
 def _gene_indexed_means(model, batch, token_ids: np.ndarray, resid: list[str], patterns: list[str], *,
                         batch_size: int, progress: bool, stop_at_layer: int | None):
     """Per panel gene, the mean of each ``resid`` activation over the tokens of that gene (cells where it is absent
-    do not count), and per gene pair the mean of each attention ``pattern`` over the cells holding both.
+    do not count), and per gene pair the mean of each attention ``pattern`` over the cells holding both: one
+    :meth:`run_with_cache` pass whose reduction scatters every mini-batch onto the panel genes.
 
     Returns ``(R, P, counts)``: ``R[name]`` [G, D], ``P[name]`` [H, G, G] (NaN-free: pairs never seen are 0) and
     the number of reference cells holding each gene [G]."""
     import torch
-    from tqdm.auto import tqdm
 
     G = len(token_ids)
     lookup = torch.full((int(max(token_ids.max(), batch.gene_ids.max())) + 1,), -1, dtype=torch.long)
     lookup[torch.as_tensor(token_ids)] = torch.arange(G)
-    sums = {n: None for n in resid}
-    psums = {n: None for n in patterns}
-    counts = torch.zeros(G, dtype=torch.float64)
-    pair = torch.zeros(G, G, dtype=torch.float64)
-    cur: dict[str, torch.Tensor] = {}
 
-    def grab(act, hook):
-        cur[hook.name] = act.detach()
+    def panel_positions(b):
+        gi = lookup[b.gene_ids.cpu()]
+        return gi, (gi >= 0) & ~b.padding_mask.cpu()
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), model.hooks([(n, grab) for n in resid + patterns]):
-            for start in tqdm(range(0, len(batch), batch_size), disable=not progress, desc="running model",
-                              unit="batch"):
-                b = batch[start : start + batch_size].to(model.device)
-                cur.clear()
-                model(b.gene_ids, b.values, b.padding_mask, stop_at_layer=stop_at_layer)
-                gi = lookup[b.gene_ids.cpu()]
-                valid = (gi >= 0) & ~b.padding_mask.cpu()
-                counts.index_add_(0, gi[valid], torch.ones(int(valid.sum()), dtype=torch.float64))
-                for n in resid:
-                    a = cur[n].cpu().double()[valid]
-                    if sums[n] is None:
-                        sums[n] = torch.zeros(G, a.shape[-1], dtype=torch.float64)
-                    sums[n].index_add_(0, gi[valid], a)
-                for i in range(len(b)):
-                    pos = torch.nonzero(valid[i]).ravel()
-                    g = gi[i, pos]
-                    if patterns:
-                        pair[g[:, None], g[None, :]] += 1
-                    for n in patterns:
-                        pt = cur[n][i].cpu().double()[:, pos][:, :, pos]  # [H, k, k]
-                        if psums[n] is None:
-                            psums[n] = torch.zeros(pt.shape[0], G, G, dtype=torch.float64)
-                        psums[n][:, g[:, None], g[None, :]] += pt
-    finally:
-        model.train(was_training)
-    R = {n: (sums[n] if sums[n] is not None else torch.zeros(G, 1, dtype=torch.float64))
-         / counts.clamp(min=1)[:, None] for n in resid}
-    P = {n: psums[n] / pair.clamp(min=1) for n in patterns if psums[n] is not None}
+    def scatter(name, act, b):
+        gi, valid = panel_positions(b)
+        a = act.cpu().double()
+        if name in resid:  # [B, S, D] -> [G, D]
+            return torch.zeros(G, a.shape[-1], dtype=torch.float64).index_add_(0, gi[valid], a[valid])
+        out = torch.zeros(a.shape[1], G, G, dtype=torch.float64)  # [B, H, S, S] -> [H, G, G]
+        for i in range(len(a)):
+            pos = torch.nonzero(valid[i]).ravel()
+            g = gi[i, pos]
+            out[:, g[:, None], g[None, :]] += a[i][:, pos][:, :, pos]
+        return out
+
+    cache = model.run_with_cache(batch, resid + patterns, batch_size=batch_size, progress=progress, reduce=scatter,
+                                 stop_at_layer=stop_at_layer)
+    gi, valid = panel_positions(batch)  # the counts follow from the tokens alone
+    counts = torch.zeros(G, dtype=torch.float64).index_add_(0, gi[valid], torch.ones(int(valid.sum()),
+                                                                                      dtype=torch.float64))
+    R = {n: cache[n] / counts.clamp(min=1)[:, None] for n in resid}
+    P = {}
+    if patterns:
+        pair = torch.zeros(G, G, dtype=torch.float64)
+        for i in range(len(batch)):
+            g = gi[i][valid[i]]
+            pair[g[:, None], g[None, :]] += 1
+        P = {n: cache[n] / pair.clamp(min=1) for n in patterns}
     return R, P, counts
 
 

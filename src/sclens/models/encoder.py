@@ -38,6 +38,10 @@ class HookedEncoder(HookedRootModule):
         b = batch.to(self.device)
         return self(b.gene_ids, b.values, b.padding_mask, **kw)
 
+    def pooling_mask(self, batch: TokenBatch) -> torch.Tensor:
+        """Positions ``avg`` pooling leaves out (True): the pads."""
+        return batch.padding_mask
+
     @staticmethod
     def pool(hidden: torch.Tensor, padding_mask: torch.Tensor, mode: str = "cls") -> torch.Tensor:
         """Cell embedding from hidden states: ``cls`` (official default) or ``avg`` (masked mean, pads excluded)."""
@@ -53,11 +57,13 @@ class HookedEncoder(HookedRootModule):
     @torch.no_grad()
     def cell_embeddings(
         self, batch: TokenBatch, *, mode: str | tuple[str, ...] = "cls", normalize: bool = True, batch_size: int = 64,
-        progress: bool = False,
+        progress: bool = False, stop_at_layer: int | None = None,
     ) -> np.ndarray | dict[str, np.ndarray]:
         """Cell embeddings [N, D]; CLS + L2 normalisation reproduces the official ``embed_data``.
 
-        ``mode`` may be a tuple such as ``("cls", "avg")``: one forward pass, a dict of embeddings back.
+        ``mode`` may be a tuple such as ``("cls", "avg")``: one forward pass, a dict of embeddings back. ``avg``
+        averages the tokens :meth:`pooling_mask` keeps; ``stop_at_layer`` pools the input of that layer instead of
+        the last layer's output.
         """
         modes = (mode,) if isinstance(mode, str) else tuple(mode)
         was_training = self.training
@@ -65,9 +71,9 @@ class HookedEncoder(HookedRootModule):
         out: dict[str, list] = {m: [] for m in modes}
         for start in tqdm(range(0, len(batch), batch_size), disable=not progress, desc="embedding cells", unit="batch"):
             b = batch[start : start + batch_size].to(self.device)
-            hidden = self(b.gene_ids, b.values, b.padding_mask)
+            hidden = self(b.gene_ids, b.values, b.padding_mask, stop_at_layer=stop_at_layer)
             for m in modes:
-                emb = self.pool(hidden, b.padding_mask, m)
+                emb = self.pool(hidden, self.pooling_mask(b), m)
                 if normalize:
                     emb = emb / emb.norm(dim=-1, keepdim=True).clamp(min=1e-12)
                 out[m].append(emb.float().cpu())
@@ -90,14 +96,15 @@ class HookedEncoder(HookedRootModule):
             Hook names, a single name, or a predicate ``name -> bool``; None caches every hook (large).
         reduce
             None keeps every cell (stacked on dim 0). ``"sum"`` keeps a running sum over cells (for averages over
-            a reference set without holding every cell); a callable ``(name, act, padding_mask) -> tensor``
-            is applied to each mini-batch and its outputs are summed.
+            a reference set without holding every cell); a callable ``(name, act, minibatch) -> tensor`` (the
+            mini-batch's :class:`TokenBatch`, so its gene ids and padding mask) is applied to each mini-batch and
+            its outputs are summed.
         """
         wanted = self.resolve_names(names)
         was_training = self.training
         self.eval()
         store: dict[str, list[torch.Tensor] | torch.Tensor] = {}
-        current_pad: list[torch.Tensor] = []
+        current: list[TokenBatch] = []
 
         def make_hook(name: str):
             def hook(act, hp):
@@ -105,7 +112,7 @@ class HookedEncoder(HookedRootModule):
                 if reduce is None:
                     store.setdefault(name, []).append(a.cpu())
                 else:
-                    r = a.sum(0) if reduce == "sum" else reduce(name, a, current_pad[0])
+                    r = a.sum(0) if reduce == "sum" else reduce(name, a, current[0])
                     store[name] = store[name] + r.cpu() if name in store else r.cpu().clone()
             return hook
 
@@ -114,7 +121,7 @@ class HookedEncoder(HookedRootModule):
                 for start in tqdm(range(0, len(batch), batch_size), disable=not progress,
                                   desc="running model", unit="batch"):
                     b = batch[start : start + batch_size].to(self.device)
-                    current_pad[:] = [b.padding_mask]
+                    current[:] = [b]
                     self(b.gene_ids, b.values, b.padding_mask, stop_at_layer=stop_at_layer)
         finally:
             self.train(was_training)

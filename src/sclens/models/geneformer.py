@@ -179,6 +179,7 @@ class HookedGeneformer(HookedEncoder):
         self.special_token = "<cls>" in self.token_dict and "<eos>" in self.token_dict
         self.model_input_size = int(config.max_position_embeddings)
         self.vocab = GeneVocab(_symbol_names(self.token_dict))
+        self._ensembl_by_id = {v: k for k, v in self.token_dict.items()}
         H, eps = config.hidden_size, config.layer_norm_eps
         self.word_embeddings = nn.Embedding(config.vocab_size, H, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, H)
@@ -215,7 +216,14 @@ class HookedGeneformer(HookedEncoder):
         h = self.mlm_ln(torch.relu(self.mlm_dense(hidden)))
         return h @ self.word_embeddings.weight.T + self.mlm_bias
 
-    @torch.no_grad()
+    def pooling_mask(self, batch: TokenBatch) -> torch.Tensor:
+        """Pads and the special tokens (``<cls>``, ``<eos>``): EmbExtractor's mean is over gene tokens only."""
+        mask = batch.padding_mask.clone()
+        for t in ("<cls>", "<eos>"):
+            if t in self.token_dict:
+                mask |= batch.gene_ids == self.token_dict[t]
+        return mask
+
     def cell_embeddings(self, batch: TokenBatch, *, mode: Literal["auto", "cell", "cls"] = "auto", emb_layer: int = -1,
                         normalize: bool = False, batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """Cell embeddings [N, D] by the official ``EmbExtractor`` rules.
@@ -223,8 +231,6 @@ class HookedGeneformer(HookedEncoder):
         ``emb_layer`` -1 (default) = the second-to-last layer's output, 0 = the last layer's. ``mode`` "auto" is
         "cls" for models with ``<cls>`` (V2) and "cell" (mean over gene tokens, specials excluded) otherwise.
         """
-        from tqdm.auto import tqdm
-
         if not -self.n_layers <= emb_layer <= 0:
             raise InputError(f"emb_layer must lie in {-self.n_layers}..0, got {emb_layer}")
         mode = ("cls" if self.special_token else "cell") if mode == "auto" else mode
@@ -233,26 +239,9 @@ class HookedGeneformer(HookedEncoder):
         if mode == "cls" and not self.special_token:
             raise InputError("mode='cls' needs a model whose dictionary has <cls> (Geneformer V2); V1 uses 'cell'")
         stop = self.n_layers + emb_layer
-        specials = [self.token_dict[t] for t in ("<cls>", "<eos>") if t in self.token_dict]
-        was_training = self.training
-        self.eval()
-        out = []
-        for start in tqdm(range(0, len(batch), batch_size), disable=not progress, desc="embedding cells", unit="batch"):
-            b = batch[start : start + batch_size].to(self.device)
-            hidden = self(b.gene_ids, b.values, b.padding_mask, stop_at_layer=stop if stop < self.n_layers else None)
-            if mode == "cls":
-                emb = hidden[:, 0]
-            else:
-                keep = ~b.padding_mask
-                for t in specials:
-                    keep &= b.gene_ids != t
-                w = keep.unsqueeze(-1).to(hidden.dtype)
-                emb = (hidden * w).sum(1) / w.sum(1).clamp(min=1)
-            if normalize:
-                emb = emb / emb.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-            out.append(emb.float().cpu())
-        self.train(was_training)
-        return torch.cat(out).numpy()
+        return super().cell_embeddings(batch, mode="cls" if mode == "cls" else "avg", normalize=normalize,
+                                       batch_size=batch_size, progress=progress,
+                                       stop_at_layer=stop if stop < self.n_layers else None)
 
     def n_parameters(self, backbone_only: bool = False) -> int:
         mods = ([self.word_embeddings, self.position_embeddings, self.token_type_embeddings, self.embed_ln, self.blocks]
@@ -337,13 +326,7 @@ class HookedGeneformer(HookedEncoder):
         if name in self.gene_name_id:
             return self.gene_name_id[name]
         tid = self.vocab.stoi.get(name)
-        return self._ens_by_id.get(tid) if tid is not None else None
-
-    @property
-    def _ens_by_id(self) -> dict[int, str]:
-        if not hasattr(self, "_ens_by_id_cache"):
-            self._ens_by_id_cache = {v: k for k, v in self.token_dict.items()}
-        return self._ens_by_id_cache
+        return self._ensembl_by_id.get(tid) if tid is not None else None
 
 
 def _symbol_names(token_dict: Mapping[str, int]) -> dict[str, int]:
