@@ -217,6 +217,11 @@ def test_device_option(h5ad, tmp_path):
     assert r.exit_code == 2 and "use --device cpu or auto" in r.output
     r = runner.invoke(app, ["circuits", "sae", str(h5ad), "-o", str(tmp_path / "sae"), "--device", "cuda:1"])
     assert r.exit_code == 2 and "CUDA is not available here" in r.output
+    for cmd in ("pretrain", "transcoders"):
+        r = runner.invoke(app, ["circuits", cmd, str(h5ad), "--label-key", "cell_type", "-o", str(tmp_path / cmd),
+                                "--device", "cuda"])
+        assert r.exit_code == 2 and "CUDA is not available here" in r.output, (cmd, r.output)
+        assert not (tmp_path / cmd).exists()
 
 
 def test_pretrain_a_geneformer_then_embed(h5ad, tmp_path):

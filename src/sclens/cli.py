@@ -710,6 +710,8 @@ def circuits_pretrain(
     d_model: int = typer.Option(128), layers: int = typer.Option(4), heads: int = typer.Option(4),
     d_mlp: int = typer.Option(512), batch_size: int = typer.Option(32), lr: float = typer.Option(1e-3),
     seed: int = typer.Option(0), var_key: Optional[str] = typer.Option(None), layer: Optional[str] = typer.Option(None),
+    device: str = typer.Option("auto", help="Where training runs: auto (CUDA when present), cpu, cuda or cuda:N "
+                                            "(the model is saved from the CPU)."),
 ) -> None:
     """Train a gene-level cell-sentence GPT-NeoX from scratch (task: the cell type after the sentence)."""
     from .circuits.lm import CellLMConfig, train_cell_lm
@@ -717,7 +719,7 @@ def circuits_pretrain(
 
     try:
         cfg = CellLMConfig(d_model=d_model, n_layers=layers, n_heads=heads, d_mlp=d_mlp, top_k=top_k, steps=steps,
-                           batch_size=batch_size, lr=lr, seed=seed)
+                           batch_size=batch_size, lr=lr, seed=seed, device=device)
         res = train_cell_lm(read_h5ad(data_path), label_key, cfg, out_dir=out, var_key=var_key, layer=layer)
         f = res.log["final"]
         typer.echo(f"wrote {out}: held-out cell-type accuracy {f['val_accuracy']:.3f}, next-gene CE "
@@ -740,6 +742,8 @@ def circuits_transcoders(
                                                        "(default: monocytes and nk where the model has them)."),
     n_sample: int = typer.Option(20, help="Random features sampled for the interpretable fraction."),
     seed: int = typer.Option(0), var_key: Optional[str] = typer.Option(None),
+    device: str = typer.Option("auto", help="Where the model's forward passes run: auto (CUDA when present), cpu, "
+                                            "cuda or cuda:N (transcoders train and decisions are traced on the CPU)."),
 ) -> None:
     """Transcoders on every MLP layer, feature interpretation and traced decisions, with a report."""
     from .circuits.pipeline import run_circuits
@@ -750,8 +754,7 @@ def circuits_transcoders(
         cfg = _tc_config(config, kind=kind, k=k, expansion=expansion, epochs=epochs, seed=seed)
         res = run_circuits(read_h5ad(data_path), label_key, model=str(model) if model else None, config=cfg,
                            layers=_layers_opt(layers), decisions=_split(decisions) if decisions else None,
-                           n_sample=n_sample, seed=seed,
-                           var_key=var_key)
+                           n_sample=n_sample, seed=seed, var_key=var_key, device=device)
         paths = res.save(out)
         for r in transcoder_table(res.transcoders):
             typer.echo(f"L{r['layer']}: L0 {r['l0']:.1f}, FVU {r['fvu']:.3f}, dead {r['dead_fraction']:.3f}")

@@ -29,7 +29,8 @@ def test_run_circuits_writes_every_part(small_lm, tmp_path):
     a, model_dir = small_lm
     cfg = TranscoderConfig(expansion=4, k=4, epochs=3, batch_size=256)
     res = run_circuits(a, "cell_type", model=str(model_dir), config=cfg, decisions=["alpha"], n_sample=5,
-                       max_nodes=6, progress=False)
+                       max_nodes=6, device="cpu", progress=False)
+    assert res.info["device"] == "cpu"
     lm = res.transcoders.metrics["lm"]
     assert set(lm) >= {"clean", "spliced", "mlp_ablated", "recovered_celltype_ce", "per_layer"}
     assert lm["mlp_ablated"]["gene_ce"] > lm["clean"]["gene_ce"]

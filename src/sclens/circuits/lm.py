@@ -205,6 +205,7 @@ class CellLMConfig:
     eval_every: int = 250
     seed: int = 0
     threads: int | None = None
+    device: str = "cpu"  # where training runs (auto, cpu, cuda, cuda:N); the model is returned and saved on the CPU
 
     def hf_config(self, vocab_size: int):
         from transformers import GPTNeoXConfig
@@ -297,6 +298,10 @@ class HookedCellLM(HookedRootModule):
         return self.hf.gpt_neox.embed_in.weight
 
     @property
+    def device(self) -> torch.device:
+        return self.W_E.device
+
+    @property
     def W_U(self) -> torch.Tensor:
         return self.hf.get_output_embeddings().weight
 
@@ -323,7 +328,9 @@ class HookedCellLM(HookedRootModule):
         return torch.cat((r * cos + _rotate_half(r) * sin, p), dim=-1)
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, S, V] for right-padded ``ids`` (positions 0..S-1)."""
+        """Logits [B, S, V] for right-padded ``ids`` (positions 0..S-1), on the model's device (inputs are moved there)."""
+        ids = ids.to(self.device)
+        attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
         B, S = ids.shape
         H, dh = self.n_heads, self.d_head
         x = self.hook_embed(self.W_E[ids])
@@ -360,14 +367,15 @@ class HookedCellLM(HookedRootModule):
 
     def run_with_cache(self, ids, attention_mask=None, names: NamesFilter = None,
                        ) -> tuple[torch.Tensor, ActivationCache]:
+        """Logits and the named activations, both on the CPU whatever the model's device."""
         store: dict[str, torch.Tensor] = {}
 
         def save(act, hook):
-            store[hook.name] = act.detach()
+            store[hook.name] = act.detach().cpu()
 
         with torch.no_grad(), self.hooks([(n, save) for n in self.resolve_names(names)]):
             logits = self(ids, attention_mask)
-        return logits, ActivationCache(store)
+        return logits.cpu(), ActivationCache(store)
 
     # -------------------------------------------------------------------------------------- cell-type task
 
@@ -386,9 +394,9 @@ class HookedCellLM(HookedRootModule):
         lab = torch.as_tensor(self.vocab.label_ids)
         for i in range(0, len(seqs), batch_size):
             ids, mask = pad_batch(seqs[i: i + batch_size])
-            logits = self.hf(input_ids=ids, attention_mask=mask).logits
+            logits = self.hf(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
             last = mask.sum(1) - 1
-            out.append(logits[torch.arange(len(ids)), last][:, lab].float().numpy())
+            out.append(logits[torch.arange(len(ids)), last.to(self.device)][:, lab.to(self.device)].float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(lab)), np.float32)
 
     def predict_cell_types(self, sentences: Sequence[Sequence[str]], candidates: Sequence[str] | None = None,
@@ -420,7 +428,7 @@ class HookedCellLM(HookedRootModule):
             p_ids = tok(prompt)["input_ids"]
             for j, c in enumerate(candidates):
                 c_ids = tok(" " + c + ".")["input_ids"]
-                ids = torch.as_tensor([p_ids + c_ids])
+                ids = torch.as_tensor([p_ids + c_ids], device=self.device)
                 logp = torch.log_softmax(self.hf(input_ids=ids).logits[0, :-1].float(), -1)
                 tgt = ids[0, 1:]
                 scores[i, j] = logp[torch.arange(len(tgt)), tgt][len(p_ids) - 1:].sum().item()
@@ -506,12 +514,15 @@ def load_default_cell_lm() -> HookedCellLM:
     return load_cell_lm(str(d))
 
 
-def resolve_cell_lm(model) -> HookedCellLM:
-    if model is None:
-        return load_default_cell_lm()
-    if isinstance(model, HookedCellLM):
-        return model
-    return load_cell_lm(model)
+def resolve_cell_lm(model, device: str | None = None) -> HookedCellLM:
+    """A loaded cell-sentence model, a model directory, or None (the embedded one); with ``device`` (auto, cpu,
+    cuda, cuda:N; see :func:`sclens.models.api.resolve_device`) the model is placed there."""
+    m = load_default_cell_lm() if model is None else model if isinstance(model, HookedCellLM) else load_cell_lm(model)
+    if device is not None:
+        from ..models.api import resolve_device
+
+        m.to(resolve_device(device))
+    return m
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -544,13 +555,14 @@ def _lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, label_
 def celltype_losses(forward, seqs: Sequence[Sequence[int]], vocab: CellSentenceVocab, *, batch_size: int = 64) -> dict:
     """Next-gene CE, cell-type CE and cell-type accuracy (argmax over the label tokens) of
     ``forward(ids, mask) -> logits`` on labelled sequences ``... <celltype> LABEL <eos>``; per-batch means are
-    weighted by the batch's number of cells."""
+    weighted by the batch's number of cells. The losses are computed on the device of the logits."""
     lab_ids = torch.as_tensor(vocab.label_ids)
     tot = {"gene_ce": 0.0, "celltype_ce": 0.0, "correct": 0}
     for i in range(0, len(seqs), batch_size):
         ids, mask = pad_batch(seqs[i: i + batch_size])
-        pos = mask.sum(1) - 3  # the <celltype> position, which predicts LABEL
         logits = forward(ids, mask)
+        ids, mask, lab_ids = ids.to(logits.device), mask.to(logits.device), lab_ids.to(logits.device)
+        pos = mask.sum(1) - 3  # the <celltype> position, which predicts LABEL
         _, g, c = _lm_loss(logits, ids, mask, pos, 1.0)
         B = len(ids)
         tot["gene_ce"] += g.item() * B
@@ -567,12 +579,16 @@ def train_cell_lm(adata, label_key: str, config: CellLMConfig | None = None, *, 
     """Train a gene-level cell-sentence GPT-NeoX from scratch on ``adata`` (cells with a cell-type column).
 
     A stratified ``val_fraction`` of cells is held out; its cell-type accuracy and losses are logged every
-    ``eval_every`` steps, and the weights with the best validation cell-type loss are kept.
+    ``eval_every`` steps, and the weights with the best validation cell-type loss are kept. Training runs on
+    ``config.device``; the returned (and saved) model is on the CPU.
     """
+    from ..models.api import resolve_device
+
     from sklearn.model_selection import train_test_split
     from transformers import GPTNeoXForCausalLM
 
     cfg = config or CellLMConfig()
+    device = resolve_device(cfg.device)
     if label_key not in adata.obs:
         raise InputError(f"obs has no column {label_key!r}; columns: {list(adata.obs.columns)}")
     labels = adata.obs[label_key].astype(str).to_numpy()
@@ -589,6 +605,7 @@ def train_cell_lm(adata, label_key: str, config: CellLMConfig | None = None, *, 
     hf = GPTNeoXForCausalLM(cfg.hf_config(len(vocab)))
     model = HookedCellLM(hf, vocab=vocab)
     seqs = model.encode_cells(sents, labels)
+    hf.to(device)
     opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
@@ -596,14 +613,14 @@ def train_cell_lm(adata, label_key: str, config: CellLMConfig | None = None, *, 
     def batch(rows):
         ids, mask = pad_batch([seqs[i] for i in rows])
         label_pos = mask.sum(1) - 3  # index (in the shifted targets) of the label token: ... <celltype> LABEL <eos>
-        return ids, mask, label_pos
+        return ids.to(device), mask.to(device), label_pos.to(device)
 
     val_seqs = [seqs[i] for i in va]
 
     def evaluate():
         hf.eval()
-        m = celltype_losses(lambda ids, mask: hf(input_ids=ids, attention_mask=mask).logits, val_seqs, vocab,
-                            batch_size=256)
+        m = celltype_losses(lambda ids, mask: hf(input_ids=ids.to(device), attention_mask=mask.to(device)).logits,
+                            val_seqs, vocab, batch_size=256)
         hf.train()
         return {"val_gene_ce": m["gene_ce"], "val_label_ce": m["celltype_ce"], "val_accuracy": m["celltype_accuracy"]}
 
@@ -632,12 +649,12 @@ def train_cell_lm(adata, label_key: str, config: CellLMConfig | None = None, *, 
         hf.load_state_dict(best_state)
     hf.eval()
     final = evaluate()
-    hf.eval()
+    hf.to("cpu")
     n_params = sum(p.numel() for p in hf.parameters())
     log = {"config": asdict(cfg), "label_key": label_key, "n_cells": int(adata.n_obs), "n_train": int(len(tr)),
            "n_val": int(len(va)), "val_cells": [str(adata.obs_names[i]) for i in va],
            "vocab_size": len(vocab), "n_genes": len(vocab.genes), "labels": vocab.labels, "n_params": n_params,
-           "history": history, "final": final, "seconds": time.perf_counter() - t0,
+           "history": history, "final": final, "seconds": time.perf_counter() - t0, "device": device,
            "versions": package_versions(("sclens", "torch", "transformers", "numpy", "anndata"))}
     model = HookedCellLM(hf, vocab=vocab)
     if out_dir is not None:

@@ -85,7 +85,7 @@ def run_circuits(adata, label_key: str, *, model=None, config: TranscoderConfig 
                  layers: Sequence[int] | None = None, decisions: Sequence[str] | None = None,
                  eval_fraction: float = 0.2, n_sample: int = 20, max_nodes: int = 24, seed: int = 0,
                  known_genes_only: bool = False, var_key: str | None = None, layer: str | None = None,
-                 progress: bool = True) -> CircuitsResult:
+                 device: str | None = None, progress: bool = True) -> CircuitsResult:
     """Transcoders on the MLP layers of a cell-sentence model, their features interpreted, decisions traced.
 
     Cells are split (stratified, ``seed``) into transcoder-training and evaluation cells; losses, feature
@@ -94,11 +94,15 @@ def run_circuits(adata, label_key: str, *, model=None, config: TranscoderConfig 
     Sentences are built as in training (genes outside the vocabulary become ``<unk>``); with
     ``known_genes_only`` they are built from the vocabulary's genes only, which helps data measured on a
     small gene panel (fewer positions wasted on ``<unk>``) but differs from the training input.
+
+    ``device`` (auto, cpu, cuda, cuda:N) places the model for its forward passes (harvesting MLP inputs and
+    outputs, spliced and ablated losses); the transcoders train on the CPU, and the traced decisions (a few
+    gradient passes over single sentences) run on the CPU, where the model is moved back at the end.
     """
     from sklearn.model_selection import train_test_split
 
     t0 = time.perf_counter()
-    model = resolve_cell_lm(model)
+    model = resolve_cell_lm(model, device)
     if model.vocab is None:
         raise InputError("the circuits run needs an sclens gene-level model (official BPE models: use the "
                          "transcoder and attribution functions directly)")
@@ -126,6 +130,8 @@ def run_circuits(adata, label_key: str, *, model=None, config: TranscoderConfig 
     ts = train_transcoders(model, [sents[i] for i in tr], labels[tr], cfg, layers=layers,
                            eval_sentences=[sents[i] for i in ev], eval_labels=labels[ev], progress=progress)
     acts = cell_lm_activity(model, ts.transcoders, sents, labels, progress=progress)
+    model_device = str(model.device)
+    model.to("cpu")  # attribution: gradients through the model and the (CPU) transcoders together
     tables = {l: interpret_features(a) for l, a in acts.items()}
     cat, keys = concat_activity(acts)
     sample = interpretable_fraction(cat, n=n_sample, seed=seed)
@@ -155,7 +161,7 @@ def run_circuits(adata, label_key: str, *, model=None, config: TranscoderConfig 
             heads[target] = trace_heads(model, ts.transcoders, ids, top["layer"], top["pos"], top["feature"])
     info = {"model": model.source, "label_key": label_key, "n_cells": int(adata.n_obs), "n_train_cells": len(tr),
             "n_eval_cells": len(ev), "decisions": list(decisions), "skipped_decisions": skipped, "seed": seed,
-            "genes_in_vocabulary": int(known.sum()), "known_genes_only": known_genes_only,
+            "genes_in_vocabulary": int(known.sum()), "known_genes_only": known_genes_only, "device": model_device,
             "input_sha256": array_sha256(adata.X)[:16], "seconds": time.perf_counter() - t0,
             "versions": package_versions(("sclens", "torch", "transformers", "numpy", "anndata"))}
     return CircuitsResult(ts, tables, sample, circuits, heads, info)

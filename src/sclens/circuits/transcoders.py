@@ -296,7 +296,10 @@ def harvest_mlp_io(model, sentences, layers: Sequence[int], labels: Sequence[str
 
 
 def splice_hooks(model, transcoders: dict[int, Transcoder] | None = None, ablate: Sequence[int] = ()):
-    """Forward hooks that replace MLP outputs by transcoder outputs (``transcoders``) or zeros (``ablate``)."""
+    """Forward hooks that replace MLP outputs by transcoder outputs (``transcoders``) or zeros (``ablate``).
+
+    A transcoder may live on another device than the model (e.g. trained on the CPU, model on a GPU): its input
+    is moved to it and its output back."""
     hooks = []
     stash: dict[int, torch.Tensor] = {}
     for l, tc in (transcoders or {}).items():
@@ -304,7 +307,7 @@ def splice_hooks(model, transcoders: dict[int, Transcoder] | None = None, ablate
             stash[l] = act
 
         def replace(act, hook, l=l, tc=tc):
-            return tc(stash[l])
+            return tc(stash[l].to(tc.b_dec.device)).to(act.device)
 
         hooks += [(f"blocks.{l}.ln2.hook_normalized", keep_in), (f"blocks.{l}.hook_mlp_out", replace)]
     for l in ablate:
