@@ -90,6 +90,27 @@ def test_operators_screen_and_bench_on_a_geneformer_checkpoint(h5ad, sim_small, 
         row["method"] for row in res["scores"]}, res["skipped"]
 
 
+def test_compress_and_sae_atlas_on_a_geneformer_checkpoint(h5ad, sim_small, tmp_path):
+    pytest.importorskip("transformers")
+    from sclens.data import ensembl_to_symbol
+    from tests.models.test_geneformer import build_checkpoint
+
+    ens = {s: e for e, s in ensembl_to_symbol().items()}
+    d = build_checkpoint(tmp_path / "gf", genes=[ens[g] for g in sim_small.var_names], max_pos=512)
+    (tmp_path / "ep.toml").write_text(
+        'donor_key = "donor"\nlabel_key = "cell_type"\nscheme = "shuffle"\nn_splits = 2\nadaptor_epochs = 2\n'
+        'n_ref_cells = 4\nn_genes = 100\n[[endpoint]]\nname = "branch"\nkind = "multiclass"\ncolumn = "branch"\n')
+    r = runner.invoke(app, ["compress", str(h5ad), "--endpoints", str(tmp_path / "ep.toml"), "-o", str(tmp_path / "c"),
+                            "--unit", "L1H0", "--unit-kind", "ov", "--ranks", "4,2", "--audit-rank", "4",
+                            "--sparse-factors", "2", "--sparse-genes", "5", "--name", "gf", "--model", str(d)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "c" / "artifacts" / "gf_sparse.safetensors").is_file()
+    r = runner.invoke(app, ["circuits", "sae", str(h5ad), "-o", str(tmp_path / "sae"), "--label-key", "cell_type",
+                            "--model", str(d), "--epochs", "1", "--max-tokens", "5000", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "sae" / "sae_atlas.html").is_file() and "live_features" in r.output
+
+
 def test_pretrain_then_embed(h5ad, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("n_layers: 1\nn_heads: 2\nd_model: 16\nd_hid: 32\ntrain_seq_len: 32\nbatch_size: 8\n"
