@@ -37,8 +37,10 @@ import anndata as ad
 
 import pandas as pd
 
-from sclens.bench import (DIAGNOSTICS, METHODS, ExtractedIdentityMethod, ExtractedMethod, PCAMethod, bh_qvalues,
-                          paired_wilcoxon, read_bench_config, run_campaign)
+from sclens.bench import run_campaign
+from sclens.evaluation import DIAGNOSTICS, read_bench_config
+from sclens.methods import METHODS, ExtractedIdentityMethod, ExtractedMethod, PCAMethod
+from sclens.stats import bh_qvalues, paired_wilcoxon
 
 HERE = Path(__file__).resolve().parent
 IDENTITY = ["pca10", "pca10_zscored", "identity_cell_untrained", "extracted_identity_cell", "extracted_identity"]

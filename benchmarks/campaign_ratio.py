@@ -75,7 +75,8 @@ def main() -> None:
     import torch
 
     from sclens import __version__
-    from sclens.bench import campaign_inputs, read_bench_config, run_campaign
+    from sclens.bench import run_campaign
+    from sclens.evaluation import campaign_inputs, read_bench_config
     from sclens.models import embed_cells, load_default_model
     from sclens.utils import atomic_write, write_json
 

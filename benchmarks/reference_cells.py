@@ -35,7 +35,8 @@ def main() -> None:
     import torch
 
     from sclens import __version__
-    from sclens.bench import bh_qvalues, paired_wilcoxon, read_bench_config, run_campaign
+    from sclens.bench import read_bench_config, run_campaign
+    from sclens.stats import bh_qvalues, paired_wilcoxon
     from sclens.models import load_default_model
     from sclens.utils import atomic_write, write_json
 

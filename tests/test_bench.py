@@ -1,142 +1,19 @@
-"""Benchmark machinery: metrics and statistics with known answers, splits, leakage, endpoint files, CLI."""
+"""Benchmark campaigns: leakage, peers through their libraries, controls, failures reported, the CLI."""
 
 import json
-import math
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import norm
 from typer.testing import CliRunner
 
-from sclens import bench, bench_report
-from sclens.bench import (BenchConfig, Endpoint, abs_spearman, auroc, balanced_accuracy, bh_qvalues, depth_ceiling,
-                          donor_splits, macro_f1, paired_wilcoxon, parse_binary_spec, read_bench_config, run_campaign,
-                          score_endpoint)
-from sclens.errors import InputError
-
-
-# ------------------------------------------------------------------ metrics
-def test_metrics_known_answers():
-    assert auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
-    assert math.isnan(auroc([1, 1], [0.2, 0.3]))
-    assert balanced_accuracy(["a", "a", "a", "b"], ["a", "a", "b", "b"]) == pytest.approx((2 / 3 + 1) / 2)
-    # a class that is only predicted (c) adds no zero recall
-    assert balanced_accuracy(["a", "b"], ["a", "c"]) == pytest.approx(0.5)
-    # F1(a) = 2/3, F1(b) = 0.8
-    assert macro_f1(["a", "a", "b", "b"], ["a", "b", "b", "b"]) == pytest.approx((2 / 3 + 0.8) / 2)
-    assert abs_spearman([0, 1, 2, 3], [9, 5, 2, 1]) == pytest.approx(1.0)
-    assert math.isnan(abs_spearman([0, 1, 2, 3], [1, 1, 1, 1]))
-    # ceiling with two tied levels: Spearman(depth, 0..3) = corr([1.5,1.5,3.5,3.5], [1,2,3,4])
-    assert depth_ceiling([0, 0, 1, 1]) == pytest.approx(2 / math.sqrt(5))
-    assert depth_ceiling([0, 1, 2, 3]) == pytest.approx(1.0)
-
-
-def test_score_endpoint_averages_over_test_donors():
-    ep = Endpoint("b", "binary", "lab", positive=["P"], negative=["N"])
-    target = np.array([0, 1, 0, 1, 0, 1, np.nan])
-    score = np.array([0.2, 0.9, 0.6, 0.4, 0.1, 0.7, 0.5])
-    groups = np.array(["d1", "d1", "d2", "d2", "d3", "d3", "d3"])
-    res = score_endpoint(ep, target, {"score": score}, groups)
-    assert res["auroc"] == pytest.approx((1 + 0 + 1) / 3)
-    assert res["balanced_accuracy"] == pytest.approx((1 + 0 + 1) / 3)
-    dep = Endpoint("d", "depth", "t")
-    res = score_endpoint(dep, np.array([0, 1, 2, 0, 1, 2.0]), {"pseudotime": np.array([0, 1, 2, 2, 1, 0.0])},
-                         np.array(["a"] * 3 + ["b"] * 3))
-    assert res["abs_spearman"] == pytest.approx(1.0)  # |rho| per donor: orientation is not scored
-
-
-# ------------------------------------------------------------------ statistics
-def test_paired_wilcoxon_known_answers():
-    r = paired_wilcoxon([1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0])
-    assert r["p"] == pytest.approx(2 / 64) and (r["wins"], r["ties"], r["losses"]) == (6, 0, 0)  # exact
-    # tied magnitudes: normal approximation with tie correction (var = 91/4 - (6^3-6)/48)
-    r = paired_wilcoxon([1] * 6, [0] * 6)
-    assert r["p"] == pytest.approx(2 * norm.sf(10.5 / math.sqrt(22.75 - 210 / 48)))
-    # a zero difference (Pratt): ranked with the others, then dropped; mean and variance corrected for it
-    r = paired_wilcoxon([0, 1, 2, -3, 4, 5], [0] * 6)
-    mu, var = 6 * 7 / 4 - 2 / 4, 6 * 7 * 13 / 24 - 6 / 24
-    assert r["ties"] == 1 and r["p"] == pytest.approx(2 * norm.sf((16 - mu) / math.sqrt(var)))
-    assert paired_wilcoxon([0.5, 0.7, 0.1], [0.5, 0.7, 0.1])["p"] == 1.0  # all zero differences
-    assert math.isnan(paired_wilcoxon([0.5, np.nan], [0.1, 0.2])["p"])  # one usable pair
-
-
-def test_bh_qvalues_known_answers_and_nan():
-    q = bh_qvalues([0.01, 0.04, 0.03, 0.5, np.nan])
-    assert np.allclose(q[:4], [0.04, 0.16 / 3, 0.16 / 3, 0.5])
-    assert math.isnan(q[4])
-
-
-# ------------------------------------------------------------------ splits
-def test_donor_splits_are_disjoint_seeded_and_fail_clearly():
-    donors = np.repeat([f"d{i}" for i in range(10)], 5)
-    a = donor_splits(donors, n_splits=12, seed=3)
-    b = donor_splits(donors, n_splits=12, seed=3)
-    assert len(a) == 12 and all(np.array_equal(x.test, y.test) for x, y in zip(a, b))
-    for s in a:
-        assert not set(donors[s.train]) & set(donors[s.test])
-        assert len(set(donors[s.test])) == 2  # 20 % of 10 donors
-    loo = donor_splits(donors, scheme="loo")
-    assert len(loo) == 10 and all(len(set(donors[s.test])) == 1 for s in loo)
-    kf = donor_splits(donors, scheme="kfold", n_splits=5, seed=0)
-    assert sorted(np.concatenate([s.test for s in kf]).tolist()) == list(range(50))
-    with pytest.raises(InputError, match="needs at least 3 donors"):
-        donor_splits(["a", "a", "b"], n_splits=2)
-    with pytest.raises(InputError, match="needs at least 12 donors"):
-        donor_splits(donors, scheme="kfold", n_splits=12)
-    cells = donor_splits(["s"] * 40, scheme="cells", n_splits=3, strata=["x", "y"] * 20, seed=0)
-    assert all(len(s.test) == 8 for s in cells)
-
-
-def test_source_splits_train_elsewhere_and_partition_the_test_source():
-    src = np.array(["atlas"] * 60 + ["sorted"] * 30)
-    lab = np.array(["x", "y", "z"] * 30)
-    sp = donor_splits(src, scheme="source", test_sources=["sorted"], n_splits=3, strata=lab, seed=1)
-    assert len(sp) == 3
-    assert sorted(np.concatenate([s.test for s in sp]).tolist()) == list(range(60, 90))  # disjoint folds cover it
-    for s in sp:
-        assert set(src[s.train]) == {"atlas"} and set(src[s.test]) == {"sorted"}
-        assert len(s.train) == 48 and sorted(np.unique(lab[s.train], return_counts=True)[1]) == [16, 16, 16]
-        assert s.test_groups == ["sorted"]
-    assert len({tuple(s.train) for s in sp}) == 3  # the training subsample changes with the split
-    again = donor_splits(src, scheme="source", test_sources=["sorted"], n_splits=3, strata=lab, seed=1)
-    assert all(np.array_equal(a.train, b.train) and np.array_equal(a.test, b.test) for a, b in zip(sp, again))
-    with pytest.raises(InputError, match="missing \\['mudan'\\]"):
-        donor_splits(src, scheme="source", test_sources=["mudan"], n_splits=3)
-    with pytest.raises(InputError, match="nothing is left to train on"):
-        donor_splits(src, scheme="source", test_sources=["atlas", "sorted"], n_splits=3)
-
-
-# ------------------------------------------------------------------ endpoints
-def test_endpoint_parsing_and_errors(tmp_path):
-    ep = parse_binary_spec("CD4 T | Treg vs CD8 T", "cell_type")
-    assert ep.negative == ["CD4 T", "Treg"] and ep.positive == ["CD8 T"]
-    with pytest.raises(InputError, match="expected 'A vs B'"):
-        parse_binary_spec("CD4 T, CD8 T", "cell_type")
-    with pytest.raises(InputError, match="on both sides"):
-        Endpoint("x", "binary", "c", positive=["a"], negative=["a"])
-    obs = pd.DataFrame({"c": ["a", "b", "a"]})
-    with pytest.raises(InputError, match=r"labels not found in 'c': \['z'\]"):
-        Endpoint("x", "binary", "c", positive=["z"], negative=["a"]).check(obs)
-    with pytest.raises(InputError, match="obs column 'nope' not found"):
-        Endpoint("x", "multiclass", "nope").targets(obs)
-    grouped = Endpoint("g", "multiclass", "c", label_map={"a": "A", "b": "B"})
-    assert list(Endpoint("g", "multiclass", "c", label_map={"a": "A"}).targets(pd.DataFrame({"c": ["a", "q"]}))) \
-        == ["A", None] and list(grouped.targets(obs)) == ["A", "B", "A"]
-    with pytest.raises(InputError, match="label_map leaves fewer than 2 classes"):
-        Endpoint("g", "multiclass", "c", label_map={"a": "A", "zz": "Z"}).check(obs)
-    bad = tmp_path / "bad.toml"
-    bad.write_text('label_key = "c"\nfoo = 1\n[[endpoint]]\nname = "m"\nkind = "multiclass"\n')
-    with pytest.raises(InputError, match=r"unknown settings \['foo'\]"):
-        read_bench_config(bad)
-    bad.write_text('label_key = "c"\n')
-    with pytest.raises(InputError, match="at least one"):
-        read_bench_config(bad)
+from sclens import bench, bench_report, methods
+from sclens.bench import BenchConfig, Endpoint, run_campaign
 
 
 # ------------------------------------------------------------------ leakage
-class _Spy(bench.Method):
+class _Spy(methods.Method):
     name = "spy"
     seen_fit: list = []
 
@@ -162,7 +39,7 @@ def _toy(n_donors=5, per=30, seed=0):
 
 
 def test_methods_fit_on_training_donors_only(monkeypatch):
-    monkeypatch.setitem(bench.METHODS, "spy", _Spy)
+    monkeypatch.setitem(methods.METHODS, "spy", _Spy)
     _Spy.seen_fit.clear()
     a = _toy()
     cfg = BenchConfig(endpoints=[Endpoint("t", "binary", "annot", positive=["CD8 T cells"], negative=["CD4 T cells"])],
@@ -175,7 +52,7 @@ def test_methods_fit_on_training_donors_only(monkeypatch):
     # the shared readouts standardise with TRAINING statistics only
     Ztr, Zte = np.arange(20.0).reshape(10, 2), np.full((4, 2), 100.0)
     y = {"t": np.array([0, 1] * 5, float)}
-    _, _, scaler = bench._shared_readouts(Ztr, Zte, cfg.endpoints, y, seed=0, max_cells=100)
+    _, _, scaler = bench.shared_readouts(Ztr, Zte, cfg.endpoints, y, seed=0, max_cells=100)
     assert np.allclose(scaler.mean_, Ztr.mean(0))
     assert res.info["source_equals_donor"] is False and len(res.scores)
     # cross-source: no cell of the test source reaches fit; the report says source and donor coincide
@@ -256,7 +133,7 @@ def test_peer_methods_run_through_their_libraries(monkeypatch):
     assert all(res.params[m]["total"] > 0 for m in ("scvi10", "celltypist", "mlp_probe"))
     assert (res.runtime.query("method == 'mlp_probe' and split == -1")["seconds"] > 0).all()  # frozen-model embedding
     # a peer that is not installed is reported with the reason, never faked
-    monkeypatch.setattr(bench.SCVIMethod, "requires", ("sclens_no_such_module",))
+    monkeypatch.setattr(methods.SCVIMethod, "requires", ("sclens_no_such_module",))
     cfg.methods = ["scvi10", "raw_log1p"]
     res = run_campaign(a, cfg, progress=False)
     assert "sclens[bench]" in res.skipped["scvi10"] and "scvi10" not in set(res.scores.method)
@@ -277,12 +154,12 @@ def test_control_rows_identity_and_random_operators_with_ablation_tests(tmp_path
     model = load_default_model()
     ci = bench.campaign_inputs(a, cfg, model)
     cells = ci.cells(np.arange(a.n_obs))
-    ident = bench.ExtractedIdentityMethod(cfg, model)
+    ident = methods.ExtractedIdentityMethod(cfg, model)
     ident.prepare(cells)
     assert np.array_equal(ident.operator.features(cells.x), cells.x)  # the identity operator is the panel itself
-    rnd = bench.ExtractedRandomMethod(cfg, model)
+    rnd = methods.ExtractedRandomMethod(cfg, model)
     rnd.prepare(cells)
-    own = bench.ExtractedMethod(cfg, model)
+    own = methods.ExtractedMethod(cfg, model)
     own.prepare(cells)
     assert len(rnd.operators) == 2
     f_own, f0, f1 = (op.features(cells.x[:20]) for op in (own.operator, *rnd.operators))
@@ -317,7 +194,7 @@ def test_control_rows_identity_and_random_operators_with_ablation_tests(tmp_path
     assert "random_control = 0" in res.skipped["extracted_random"]
 
 
-class _NaNMethod(bench.Method):
+class _NaNMethod(methods.Method):
     name = "nan_embedding"
 
     def fit(self, train, endpoints, targets):
@@ -329,7 +206,7 @@ class _NaNMethod(bench.Method):
         return {"embedding": Z}
 
 
-class _Broken(bench.Method):
+class _Broken(methods.Method):
     name = "broken"
 
     def fit(self, train, endpoints, targets):
@@ -345,7 +222,7 @@ class _Constant(_NaNMethod):
 
 def test_a_failing_method_is_reported_and_the_campaign_goes_on(monkeypatch):
     for cls in (_NaNMethod, _Broken, _Constant):
-        monkeypatch.setitem(bench.METHODS, cls.name, cls)
+        monkeypatch.setitem(methods.METHODS, cls.name, cls)
     cfg = BenchConfig(endpoints=[Endpoint("t", "binary", "annot", positive=["CD8 T cells"], negative=["CD4 T cells"])],
                       donor_key="individual", n_splits=2, seed=0,
                       methods=["nan_embedding", "broken", "constant_embedding", "pca10"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .htmlkit import ensure_plotly_js, md_to_html
 from .utils import atomic_write, write_json
 
 
@@ -77,7 +78,7 @@ def runtime_table(result) -> pd.DataFrame:
     return df.sort_values("total_s")
 
 
-def _figures(result, js: str | bool = "directory") -> list[str]:
+def figures(result, js: str | bool = "directory") -> list[str]:
     """Per-endpoint box plots; ``js`` is how the first figure loads plotly ("directory": the shared
     ``plotly.min.js`` beside the page; False: the page already has it)."""
     import plotly.graph_objects as go
@@ -133,7 +134,7 @@ def write_report(result, out_dir: Path) -> dict[str, Path]:
         sections.append("<h2>Skipped methods</h2><ul>" + "".join(
             f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in result.skipped.items()) + "</ul>")
     sections.append("<h2>Endpoints and comparisons</h2>")
-    sections.append(_md_to_html(md))
+    sections.append(md_to_html(md))
     sections.append("<h2>Runtime (seconds) and trainable parameters</h2>")
     sections.append(runtime_table(result).to_html(index=False, float_format=lambda v: f"{v:.2f}"))
     rr = info.get("runtime_ratio", {})
@@ -141,7 +142,7 @@ def write_report(result, out_dir: Path) -> dict[str, Path]:
         sections.append(f"<p>Campaign runtime, frozen model + MLP probe over extracted head: "
                         f"<b>{rr['mlp_probe_over_extracted']:.1f}×</b> (same run).</p>")
     sections.append("<h2>Scores across splits</h2>")
-    sections += _figures(result)
+    sections += figures(result)
     sections.append(f"<p><small>root rule: {html.escape(info.get('root_rule', ''))}; versions: "
                     f"{html.escape(str(info.get('versions')))}</small></p>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(stem) + "</title><style>"
@@ -153,38 +154,3 @@ def write_report(result, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def ensure_plotly_js(out_dir: Path) -> Path:
-    """The one ``plotly.min.js`` that every report page in ``out_dir`` loads (offline, no CDN)."""
-    js = out_dir / "plotly.min.js"
-    if not js.is_file():
-        from plotly.offline import get_plotlyjs
-
-        atomic_write(js, lambda p: Path(p).write_text(get_plotlyjs()))
-    return js
-
-
-def _md_to_html(md: str) -> str:
-    """Minimal Markdown (headings, bold, pipe tables) to HTML; enough for the generated summary."""
-    import re
-
-    out, table = [], []
-
-    def flush():
-        if table:
-            rows = [r for r in table if not re.fullmatch(r"\|[-| ]+\|", r)]
-            cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
-            out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>" + "".join(
-                "<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:]) + "</table>")
-            table.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("### "):
-            out.append(f"<h3>{html.escape(line[4:])}</h3>")
-        elif line.strip():
-            out.append("<p>" + re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(line)) + "</p>")
-    flush()
-    return "\n".join(out)

@@ -43,10 +43,11 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .bench import (BenchConfig, CampaignInputs, bh_qvalues, campaign_inputs, fit_extracted, fit_shared_readouts,
-                    json_records, paired_wilcoxon, score_endpoint)
+from .evaluation import (BenchConfig, CampaignInputs, campaign_inputs, fit_extracted, fit_shared_readouts, json_records,
+                         score_endpoint)
 from .errors import InputError
 from .extract import ExtractedModel, Operator, screen_table, select_operator
+from .stats import bh_qvalues, hypergeom_enrichment, marker_set_table, paired_wilcoxon
 from .utils import array_sha256, atomic_write, package_versions, write_json
 
 SHARE_AT = (1, 4, 10, 16)
@@ -209,23 +210,6 @@ def factor_contributions(model: ExtractedModel, x: np.ndarray) -> tuple[np.ndarr
 
 
 # ==================================================================================== gene programs
-def marker_set_table() -> dict[str, dict]:
-    from .datasets import marker_sets
-
-    return marker_sets()["sets"]
-
-
-def hypergeom_enrichment(selected: Sequence[str], gene_set: Sequence[str], universe: Sequence[str]) -> dict:
-    """One-sided hypergeometric p-value of the overlap between ``selected`` and ``gene_set`` within
-    ``universe`` (both restricted to it): P(X >= k), X ~ Hypergeom(M = |universe|, n = |set|, N = |selected|)."""
-    from scipy.stats import hypergeom
-
-    uni = set(universe)
-    sel, gs = set(selected) & uni, set(gene_set) & uni
-    k = len(sel & gs)
-    p = float(hypergeom.sf(k - 1, len(uni), len(gs), len(sel))) if gs and sel else 1.0
-    return {"overlap": k, "set_size_in_universe": len(gs), "n_selected": len(sel), "p": p,
-            "genes": sorted(sel & gs)}
 
 
 def gene_programs(op: Operator, factors: Sequence[int], *, n_genes: int = 25, alpha: float = 0.05,
@@ -404,7 +388,7 @@ def compress(
 
 
 def _summarise(scores: pd.DataFrame, order: list[str]) -> pd.DataFrame:
-    from .bench import mean_ci
+    from .stats import mean_ci
 
     out = []
     for (v, e, k), sub in scores.groupby(["variant", "endpoint", "metric"], sort=False):
@@ -498,7 +482,7 @@ def summary_markdown(res: CompressResult) -> str:
 def write_compress_report(res: CompressResult, out_dir: Path) -> dict[str, Path]:
     import plotly.graph_objects as go
 
-    from .bench_report import _md_to_html, ensure_plotly_js
+    from .htmlkit import ensure_plotly_js, md_to_html
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"compress_{res.name}"
@@ -532,7 +516,7 @@ def write_compress_report(res: CompressResult, out_dir: Path) -> dict[str, Path]
     figs.append(f4)
     ensure_plotly_js(out_dir)
     divs = [f.to_html(full_html=False, include_plotlyjs="directory" if i == 0 else False) for i, f in enumerate(figs)]
-    body = (f"<h1>Compression — {html.escape(res.name)}</h1>" + _md_to_html(md) + "".join(divs)
+    body = (f"<h1>Compression — {html.escape(res.name)}</h1>" + md_to_html(md) + "".join(divs)
             + "<h2>Enrichment tests</h2>" + res.programs[res.programs.q <= 0.05].to_html(index=False)
             + f"<p class='note'>sclens {__version__}; seeds, versions and input hashes in {stem}.json.</p>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>sclens compress</title>"
@@ -544,4 +528,4 @@ def write_compress_report(res: CompressResult, out_dir: Path) -> dict[str, Path]
 
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "compaction_table", "factor_contributions",
-           "gene_programs", "hypergeom_enrichment", "parse_unit"]
+           "gene_programs", "parse_unit"]

@@ -209,3 +209,15 @@ def check_labels(dag: StageDAG, labels: Iterable[str]) -> LabelMapping:
     if m.stage.notna().sum() == 0:
         raise InputError(f"no label maps to a stage of {dag.name!r}; labels seen: {preview(m.unmapped)}")
     return m
+
+
+def parse_label_groups(spec: str) -> tuple[list[str], list[str]]:
+    """``"CD4 T | Treg vs CD8 T"`` -> (``["CD4 T", "Treg"]``, ``["CD8 T"]``): two label groups, '|' between labels."""
+    if " vs " not in spec:
+        raise InputError(f"{spec!r}: expected 'A vs B' or 'A | B vs C' (several labels per side separated by '|')")
+    left, right = spec.split(" vs ", 1)
+    split = lambda s: [x.strip() for x in s.split("|") if x.strip()]  # noqa: E731
+    neg, pos = split(left), split(right)
+    if not neg or not pos:
+        raise InputError(f"{spec!r}: both sides need at least one label")
+    return neg, pos

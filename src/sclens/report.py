@@ -110,15 +110,16 @@ def _screen_section(folder: Path) -> tuple[str, list[Path]]:
 
 def _bench_section(path: Path, figdir: Path) -> tuple[str, list[Path]]:
     from .bench import BenchResult
-    from .bench_report import _figures, _md_to_html, runtime_table, summary_markdown
+    from .bench_report import figures, runtime_table, summary_markdown
+    from .htmlkit import md_to_html
 
     res = BenchResult.from_json(path)
-    parts = [_md_to_html(summary_markdown(res))]
+    parts = [md_to_html(summary_markdown(res))]
     if res.skipped:
         parts.append("<p>Skipped: " + "; ".join(f"<b>{html.escape(k)}</b> ({html.escape(v)})"
                                                 for k, v in res.skipped.items()) + "</p>")
     parts.append("<h3>Runtime and parameters</h3>" + _table(runtime_table(res), 1))
-    parts += _figures(res, js=False)
+    parts += figures(res, js=False)
     png = figdir / f"{path.stem}.png"
     _bench_png(res, png)
     return "".join(parts), [path, png]
@@ -156,7 +157,7 @@ def _bench_png(res, png: Path) -> None:
 def _compress_section(path: Path, figdir: Path) -> tuple[str, list[Path]]:
     import plotly.graph_objects as go
 
-    from .bench_report import _md_to_html
+    from .htmlkit import md_to_html
     from .compress import CompressResult, summary_markdown
 
     res = CompressResult.from_json(path)
@@ -166,7 +167,7 @@ def _compress_section(path: Path, figdir: Path) -> tuple[str, list[Path]]:
                       xaxis_title="top-k factors", yaxis_title="share")
     png = figdir / f"{path.stem}.png"
     _compress_png(res, png)
-    return _md_to_html(summary_markdown(res)) + fig.to_html(full_html=False, include_plotlyjs=False), [path, png]
+    return md_to_html(summary_markdown(res)) + fig.to_html(full_html=False, include_plotlyjs=False), [path, png]
 
 
 def _circuits_section(path: Path) -> tuple[str, list[Path]]:

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .bench import parse_label_groups
+from .ontology import parse_label_groups
 from .errors import InputError
 from .utils import atomic_write
 

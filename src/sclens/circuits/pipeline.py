@@ -226,10 +226,10 @@ def circuits_markdown(res: CircuitsResult) -> str:
 
 def circuits_fragment(md: str, folder: Path) -> str:
     """The report's Markdown as HTML, each circuit's plot (``circuit_<label>.png`` in ``folder``) inlined."""
-    from ..bench_report import _md_to_html
+    from ..htmlkit import md_to_html
 
     parts = []
-    for chunk in _md_to_html(md).split("\n"):
+    for chunk in md_to_html(md).split("\n"):
         parts.append(chunk)
         if chunk.startswith("<h3>Circuit: "):
             name = html.unescape(chunk[len("<h3>Circuit: "):-len("</h3>")]).strip("'")
