@@ -107,7 +107,7 @@ def write_cells(template: Path, n: int, path: Path, chunk: int = 50_000) -> floa
 
 def worker(case: str, artifact: str, data: str, out: str, fm_cells: int, threads: int) -> dict:
     from sclens import _store
-    from sclens.extract import ExtractedModel, _value_kind, apply_file, panel_index
+    from sclens.extract import ExtractedModel, apply_file, head_value_kind, panel_index
 
     t0 = time.perf_counter()
     if case == "fm":
@@ -131,7 +131,7 @@ def worker(case: str, artifact: str, data: str, out: str, fm_cells: int, threads
         src = _store.open_store(data)
         mat = _store.RowMatrix(src)
         idx = panel_index(model.panel, mat.var_names)
-        kind = _value_kind(mat.rows(0, 2000))
+        kind = head_value_kind(mat.rows(0, 2000))
         n, checksum = 0, 0.0
         for _, X in mat.iter_chunks(20_000):
             P = model.predict_packed(model.panel.transform(X, idx, kind), fold=case != "explicit")
