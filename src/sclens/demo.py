@@ -107,6 +107,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     from .models.api import tokenize_adata
     from .models.pretrain import PretrainConfig, pretrain_scgpt
     from .ontology import StageDAG
+    from .operators import attention_entropy
 
     con = _console()
     out = Path(out_dir)
@@ -193,31 +194,20 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     panel = select_panel(sim, model.vocab.genes, n_genes=300 if quick else 600)
     rng = np.random.default_rng(seed)
     ref = sim[np.sort(rng.choice(sim.n_obs, size=min(sim.n_obs, 48 if quick else 128), replace=False))]
-    batch = tokenize_adata(ref, model, panel=panel, mode="all", seed=seed)
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(cfg.nlayers)]
-    cache = model.run_with_cache(batch, names, batch_size=8, reduce="sum")
-    L, H = cfg.nlayers, cfg.nheads
-    entropy = np.zeros((L, H))
-    top_genes: dict[str, list[str]] = {}
-    genes = np.array(panel.genes)
-    for l in range(L):
-        A = (cache[names[l]] / len(batch)).numpy()[:, 1:, 1:]  # mean pattern among panel genes (drop <cls>)
-        A = A / A.sum(-1, keepdims=True)
-        entropy[l] = -(A * np.log(A + 1e-12)).sum(-1).mean(-1) / np.log(A.shape[-1])
-        for h in range(H):
-            received = A[h].mean(0)  # how much attention each gene receives on average
-            top_genes[f"L{l}H{h}"] = list(genes[np.argsort(-received)[:8]])
+    heads = attention_entropy(model, ref, panel, seed=seed)
+    entropy, top_genes, names = heads["entropy"], heads["top_received_genes"], heads["hooks"]
+    L, H = entropy.shape
     fig = _heatmap(entropy, "normalised attention entropy among panel genes\n(1 = uniform; SYNTHETIC cells)",
                    out / "head_entropy.png", "entropy / log(G)")
     report["figures"]["head_entropy"] = fig.name
     focused = np.unravel_index(np.argmin(entropy), entropy.shape)
     report["stages"]["heads"] = {
-        "reference_cells": len(batch), "panel_genes": len(panel), "hooks_cached": names,
+        "reference_cells": heads["n_cells"], "panel_genes": len(panel), "hooks_cached": names,
         "normalised_entropy": entropy.round(4).tolist(), "top_received_genes": top_genes,
         "most_focused_unit": {"layer": int(focused[0]), "head": int(focused[1]),
                               "entropy": float(entropy[focused]), "top_genes": top_genes[f"L{focused[0]}H{focused[1]}"]},
     }
-    con.print(f"cached attention patterns of {L * H} units over {len(batch)} cells x {len(panel) + 1} tokens; "
+    con.print(f"cached attention patterns of {L * H} units over {heads['n_cells']} cells x {len(panel) + 1} tokens; "
               f"most focused unit L{focused[0]}H{focused[1]} (entropy {entropy[focused]:.3f}) attends to "
               f"{', '.join(top_genes[f'L{focused[0]}H{focused[1]}'][:5])}")
     report["timings_s"]["heads"] = time.perf_counter() - t
@@ -241,7 +231,7 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
     lg = rep.info["learned_gate"]
     rep.save(out / "screen", anchors, banks)
     top = rep.top
-    for k, v in json.loads((out / "screen" / "screen_report.json").read_text())["figures"].items():
+    for k, v in rep.figures.items():
         report["figures"][k] = f"screen/{v}"
     report["stages"]["screen"] = {
         "data": "SYNTHETIC (simulate_hematopoiesis)", "panel_genes": len(spanel), "anchors": len(anchors),

@@ -516,3 +516,24 @@ def check_embedding(Z: np.ndarray, which: str) -> None:
         raise ValueError(f"the {which} embedding has shape {Z.shape}; expected [cells, dimensions]")
     if len(Z) > 1 and float(np.ptp(Z, axis=0).max()) == 0.0:
         raise ValueError(f"the {which} embedding is constant across cells")
+
+
+def bench_config(endpoints_file: str | Path | None = None, *, binary: Sequence[str] = (),
+                 multiclass: Sequence[str] = (), depth: Sequence[str] = (), **settings) -> BenchConfig:
+    """A campaign configuration from a TOML endpoint file and/or endpoint specs (as ``sclens bench`` takes them).
+
+    ``binary`` specs ``"A | B vs C"`` name labels of ``label_key``; ``multiclass`` and ``depth`` name obs columns.
+    ``settings`` are :class:`BenchConfig` fields; ``None`` values are ignored (the file's or the defaults stay).
+    """
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if binary and not (settings.get("label_key") or endpoints_file):
+        raise InputError("--binary needs --label-key (the column whose labels it names)")
+    if endpoints_file:
+        cfg = read_bench_config(endpoints_file, **settings)
+    else:
+        if not (binary or multiclass or depth):
+            raise InputError("declare endpoints: --endpoints FILE.toml, or --binary / --multiclass / --depth")
+        cfg = BenchConfig(endpoints=[], **settings)
+    cfg.endpoints += [parse_binary_spec(spec, cfg.label_key) for spec in binary]
+    cfg.endpoints += [Endpoint(c, "multiclass", c) for c in multiclass] + [Endpoint(c, "depth", c) for c in depth]
+    return cfg

@@ -128,7 +128,102 @@ class OperatorBank:
         return cls(kind=manifest["kind"], operators=ops, panel=GenePanel.from_dict(manifest["panel"]), manifest=manifest)
 
 
+PANEL_FILE = "panel.json"
+
+
+def bank_file(kind: str) -> str:
+    """File name of a kind's bank inside an operator folder."""
+    return f"operators_{kind}.safetensors"
+
+
+@dataclass
+class OperatorFolder:
+    """What ``sclens export-operators`` writes: the gene panel (``panel.json``) and one bank per operator kind
+    (``operators_{kind}.safetensors`` + its ``.json`` manifest)."""
+
+    panel: GenePanel
+    banks: dict[str, OperatorBank]
+
+    @staticmethod
+    def kinds_in(folder: str | Path) -> list[str]:
+        """The operator kinds saved in ``folder`` (sorted)."""
+        return sorted(p.name[len("operators_"):-len(".safetensors")] for p in Path(folder).glob(bank_file("*")))
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / PANEL_FILE, self.panel.to_dict())
+        for kind, bank in self.banks.items():
+            bank.save(out / bank_file(kind))
+        return out
+
+    @classmethod
+    def load(cls, folder: str | Path, kinds: Sequence[str] | None = None) -> "OperatorFolder":
+        """Reload the banks of ``kinds`` (default: every kind present); the panel comes from ``panel.json`` or,
+        in folders without one, from the first bank."""
+        folder = Path(folder)
+        present = cls.kinds_in(folder)
+        if not present:
+            raise InputError(f"no {bank_file('<kind>')} in {folder}; run `sclens export-operators` first")
+        missing = [k for k in (kinds or present) if k not in present]
+        if missing:
+            raise InputError(f"{folder / bank_file(missing[0])} not found; run `sclens export-operators` first "
+                             f"(kinds present: {present})")
+        banks = {k: OperatorBank.load(folder / bank_file(k)) for k in (kinds or present)}
+        pf = folder / PANEL_FILE
+        panel = GenePanel.from_dict(json.loads(pf.read_text())) if pf.is_file() else next(iter(banks.values())).panel
+        return cls(panel, banks)
+
+
+def source_model(banks: dict, model: str | Path | None = None):
+    """The checkpoint the operator banks were exported from (for their random-weights copies): ``model`` when given,
+    else the one recorded in the banks' manifest; checked against the manifest's hash. Returns (model, manifest)."""
+    from .models import default_model_dir, load_default_model, load_model
+
+    manifest = next(iter(banks.values())).manifest
+    recorded = manifest.get("model")
+    if model is not None:
+        m = load_model(model)
+    elif recorded and Path(recorded).is_dir():
+        m = load_model(recorded)
+    elif recorded == str(default_model_dir()):
+        m = load_default_model()
+    else:
+        raise InputError(f"the operators were exported from {recorded!r}, which is not a checkpoint folder here; pass "
+                          "--model PATH for the random-weights controls, or --random-control 0 to skip them")
+    want = manifest.get("model_sha256")
+    if want and getattr(m, "checkpoint_sha256", None) != want:
+        raise InputError(f"--model {getattr(m, 'source', model)} is not the checkpoint the operators were exported from "
+                          f"(sha256 {str(getattr(m, 'checkpoint_sha256', None))[:12]}... vs {want[:12]}... in the manifest)")
+    return m, manifest
+
+
 # ------------------------------------------------------------------------------------------ export
+def attention_entropy(model, cells: ad.AnnData, panel: GenePanel, *, seed: int = 0, batch_size: int = 8,
+                      n_top: int = 8) -> dict:
+    """Per head, how focused its mean attention among the panel genes is (scGPT panel mode over ``cells``).
+
+    Returns ``entropy`` [layers, heads] (mean row entropy of the mean pattern among panel genes, ``<cls>`` dropped
+    and rows renormalised, divided by log G: 1 = uniform), ``top_received_genes`` {"L{l}H{h}": the ``n_top``
+    genes receiving the most attention on average}, the ``hooks`` cached and ``n_cells``."""
+    from .models.api import tokenize_adata
+
+    batch = tokenize_adata(cells, model, panel=panel, mode="all", seed=seed)
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)]
+    cache = model.run_with_cache(batch, names, batch_size=batch_size, reduce="sum")
+    entropy = np.zeros((model.n_layers, model.n_heads))
+    top_genes: dict[str, list[str]] = {}
+    genes = np.array(panel.genes)
+    for l in range(model.n_layers):
+        A = (cache[names[l]] / len(batch)).numpy()[:, 1:, 1:]  # mean pattern among panel genes (drop <cls>)
+        A = A / A.sum(-1, keepdims=True)
+        entropy[l] = -(A * np.log(A + 1e-12)).sum(-1).mean(-1) / np.log(A.shape[-1])
+        for h in range(model.n_heads):
+            received = A[h].mean(0)  # how much attention each gene receives on average
+            top_genes[f"L{l}H{h}"] = list(genes[np.argsort(-received)[:n_top]])
+    return {"entropy": entropy, "top_received_genes": top_genes, "hooks": names, "n_cells": len(batch)}
+
+
 def _reference_batch(model, adata: ad.AnnData, panel: GenePanel, n_ref_cells: int, seed: int, layer: str | None):
     """scGPT: every panel gene at a fixed position (panel mode). Rank-value models (Geneformer): each cell's own
     sentence over all its genes, so the panel genes sit where the cell's ranking puts them (or are absent)."""

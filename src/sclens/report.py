@@ -84,10 +84,12 @@ def _data_section(run: dict) -> str | None:
 
 
 def _screen_section(folder: Path) -> tuple[str, list[Path]]:
-    table = pd.read_csv(folder / "screen_table.csv")
-    rep = json.loads((folder / "screen_report.json").read_text()) if (folder / "screen_report.json").is_file() else {}
-    used = [folder / "screen_table.csv"] + ([folder / "screen_report.json"] if rep else [])
-    lg = (rep.get("info") or {}).get("learned_gate") or {}
+    from .screen import ScreenReport
+
+    sr = ScreenReport.load(folder)
+    table, info = sr.table, sr.info
+    used = [folder / "screen_table.csv"] + ([folder / "screen_report.json"] if sr.gates_sha256 else [])
+    lg = info.get("learned_gate") or {}
     if lg.get("evaluated"):
         learned = (f" The <b>learned</b> gate (beat the raw panel and the {lg.get('random_quantile', 0.95):.0%} quantile "
                    f"of {lg.get('n_random_copies')} random-weights copies of the model, same kind and fitter) passes "
@@ -96,10 +98,10 @@ def _screen_section(folder: Path) -> tuple[str, list[Path]]:
         learned = f" The learned gate was {html.escape(lg.get('note', 'not evaluated'))}."
     else:
         learned = ""
-    n_failed = (rep.get("info") or {}).get("n_failed") or 0
+    n_failed = info.get("n_failed") or 0
     parts = [f"<p>{len(table)} hypotheses; {int(table['passes_all'].sum())} pass every gate with the paired null "
              f"failing.{learned}" + (f" {n_failed} could not be evaluated (reason in 'failure')." if n_failed else "")
-             + f" Gate file sha256 {html.escape(str(rep.get('gates_sha256', '–'))[:16])}.</p>"]
+             + f" Gate file sha256 {html.escape(str(sr.gates_sha256 or '–')[:16])}.</p>"]
     cols = [c for c in SCREEN_COLUMNS if c in table.columns]
     parts.append("<h3>Top hypotheses</h3>" + _table(table[cols].head(10)))
     for png in sorted(folder.glob("screen_heatmap_*.png")) + sorted(folder.glob("screen_top_unit_3d.png")):

@@ -70,6 +70,7 @@ class ScreenReport:
     config: dict
     info: dict = field(default_factory=dict)
     controls: pd.DataFrame | None = None  # the random-weights copies' learned-gate statistics, one row per hypothesis
+    figures: dict = field(default_factory=dict)  # figure name -> file name in the saved folder
 
     @property
     def top(self) -> pd.Series:
@@ -95,7 +96,25 @@ class ScreenReport:
                   "n_passing_published": int(self.table["passes_published"].sum()) if "passes_published" in self.table else None,
                   "top": _jsonable(self.table.head(20).to_dict(orient="records"))}
         write_json(out / "screen_report.json", report)
+        self.figures = figures
         return out
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ScreenReport":
+        """Reload a saved screen (``screen_table.csv``, ``screen_report.json``, ``screen_controls.csv`` if present)."""
+        folder = Path(folder)
+        table_file = folder / "screen_table.csv" if folder.is_dir() else folder
+        if not table_file.is_file():
+            raise InputError(f"{folder} is not a screen folder: screen_table.csv is missing (run `sclens screen`)")
+        folder = table_file.parent
+        table = pd.read_csv(table_file)
+        if "failure" in table:
+            table["failure"] = table["failure"].fillna("").astype(str)
+        rep_file = folder / "screen_report.json"
+        rep = json.loads(rep_file.read_text()) if rep_file.is_file() else {}
+        ctl = folder / "screen_controls.csv"
+        return cls(table, rep.get("gates", {}), rep.get("gates_sha256", ""), rep.get("config", {}), rep.get("info", {}),
+                   pd.read_csv(ctl) if ctl.is_file() else None, rep.get("figures", {}))
 
 
 def row_failed(row) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -185,11 +184,7 @@ def screen_table(report) -> pd.DataFrame:
 
     if isinstance(report, ScreenReport):
         return report.table
-    p = Path(report)
-    p = p / "screen_table.csv" if p.is_dir() else p
-    if not p.is_file():
-        raise InputError(f"no screen table at {p}; pass a ScreenReport or the folder `sclens screen` wrote")
-    return pd.read_csv(p)
+    return ScreenReport.load(report).table
 
 
 def _top_operator_row(report) -> dict:

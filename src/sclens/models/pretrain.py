@@ -94,6 +94,42 @@ class PretrainConfig:
         )
 
 
+def pretrain_config(family: str = "scgpt", config_file: str | Path | None = None, *, device: str | None = None,
+                    **overrides):
+    """The pretraining configuration of a model family: ``scgpt`` (:class:`PretrainConfig`) or ``geneformer``
+    (:class:`~sclens.models.pretrain_geneformer.GeneformerPretrainConfig`), from a JSON/YAML file of its fields
+    and ``overrides`` (``None`` values ignored; ``seq_len`` sets the training tokens per cell of either family).
+    ``device`` (auto, cpu, cuda, cuda:N) overrides the file's and is resolved (a missing GPU is an error)."""
+    import dataclasses
+
+    import yaml
+
+    from .api import resolve_device
+    from .pretrain_geneformer import GeneformerPretrainConfig
+
+    if family not in ("scgpt", "geneformer"):
+        raise InputError(f"--family must be 'scgpt' or 'geneformer', got {family!r}")
+    cls = PretrainConfig if family == "scgpt" else GeneformerPretrainConfig
+    fields = {}
+    if config_file:
+        try:
+            fields = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InputError(f"cannot read the pretraining config {config_file}: {exc}") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(fields) - known)
+        if bad:
+            raise InputError(f"unknown {cls.__name__} field(s) {bad} in {config_file}; known: {sorted(known)}")
+    if family == "geneformer" and overrides.get("mvc") is not None:
+        raise InputError("--mvc is an scGPT objective; Geneformer pretraining is masked-gene modelling")
+    seq_len = overrides.pop("seq_len", None)
+    overrides["train_seq_len" if family == "scgpt" else "train_len"] = seq_len
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    if device is not None or "device" in fields:
+        fields["device"] = resolve_device(device if device is not None else fields["device"])
+    return cls(**fields)
+
+
 def warmup_cosine_lr(step: int, lr: float, warmup_steps: int, steps: int) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then a cosine decay to 5 % of it at ``steps``."""
     if step < warmup_steps:

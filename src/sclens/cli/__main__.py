@@ -1,0 +1,5 @@
+"""``python -m sclens.cli``."""
+
+from . import main
+
+main()
