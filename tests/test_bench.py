@@ -98,6 +98,8 @@ def test_cli_bench_unfamiliar_columns_ensembl_ids_and_own_endpoint_file(tmp_path
                                  "--random-control", "1", "--name", "mine"])
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "rep" / "bench_mine.json").read_text())
+    back = bench.BenchResult.load(tmp_path / "rep")
+    assert back.name == "mine" and back.to_dict()["summary"] == rep["summary"] and back.skipped == rep["skipped"]
     assert rep["info"]["panel_size"] == len(keep) < 1200 and "panel" in r.output
     got = {(s["endpoint"], s["method"]) for s in rep["summary"]}
     assert ("cd8_vs_cd4", "sclens_extracted") in got and ("maturity", "dpt") in got and ("types", "pca10") in got

@@ -6,11 +6,12 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from sclens.bench import BenchConfig, Endpoint
-from sclens.compress import CompressConfig, compaction_table, compress, factor_contributions
+from sclens.evaluation import BenchConfig, Endpoint
+from sclens.compress import CompressConfig, CompressResult, compaction_table, compress, factor_contributions
 from sclens.data import GenePanel
 from sclens.errors import InputError
 from sclens.extract import Adaptor, ExtractedModel, Operator, OperatorBlock
@@ -130,6 +131,10 @@ def test_compress_runs_the_ladder_audit_and_programs(sim, tmp_path):
     rep = json.loads(paths["json"].read_text())
     assert rep["top_k_share"] and rep["factor_cards"] and paths["html"].stat().st_size > 1000
     assert (tmp_path / "rep" / "plotly.min.js").is_file()
+    back = CompressResult.load(tmp_path / "rep")
+    assert back.name == res.name and back.shares == res.shares and back.cards == json.loads(json.dumps(res.cards))
+    pd.testing.assert_frame_equal(back.summary.reset_index(drop=True), res.summary.reset_index(drop=True),
+                                  check_dtype=False)
 
 
 def test_compress_errors_are_specific(sim):

@@ -92,6 +92,21 @@ def test_save_load_and_tamper(setup, tmp_path):
         OperatorBank.load(p)
 
 
+def test_operator_folder_round_trip(setup, tmp_path):
+    from sclens.operators import OperatorFolder
+
+    _, _, panel, banks = setup
+    OperatorFolder(panel, banks).save(tmp_path / "ops")
+    assert OperatorFolder.kinds_in(tmp_path / "ops") == sorted(banks)
+    back = OperatorFolder.load(tmp_path / "ops", ["ov"])
+    assert list(back.banks) == ["ov"] and back.panel.genes == panel.genes
+    assert np.array_equal(back.banks["ov"].operators, banks["ov"].operators)
+    with pytest.raises(InputError, match="operators_nope.safetensors not found"):
+        OperatorFolder.load(tmp_path / "ops", ["nope"])
+    with pytest.raises(InputError, match="run `sclens export-operators` first"):
+        OperatorFolder.load(tmp_path)
+
+
 def test_panel_gene_outside_vocab(setup):
     model, cells, _, _ = setup
     with pytest.raises(InputError, match="not model tokens"):

@@ -1,10 +1,12 @@
 """The screen finds a planted unit, and finds nothing when every unit is random."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from sclens.anchors import build_anchors
 from sclens.data import GenePanel
+from sclens.errors import InputError
 from sclens.models import load_scgpt
 from sclens.operators import export_operators
 from sclens.screen import load_gates, screen
@@ -42,6 +44,14 @@ def test_planted_unit_ranks_first_with_gates_and_null_fails(tmp_path, cells):
     out = rep.save(tmp_path / "report", anchors, banks)
     assert {"screen_table.csv", "screen_report.json", "screen_heatmap_ov.png", "screen_top_unit_3d.png"} <= {
         p.name for p in out.iterdir()}
+    from sclens.screen import ScreenReport
+
+    back = ScreenReport.load(out)
+    pd.testing.assert_frame_equal(back.table, rep.table.reset_index(drop=True), check_dtype=False)
+    assert back.gates == rep.gates and back.gates_sha256 == rep.gates_sha256 and back.figures == rep.figures
+    assert back.figures["top_unit_3d"] == "screen_top_unit_3d.png"
+    with pytest.raises(InputError, match="not a screen folder"):
+        ScreenReport.load(tmp_path)
 
 
 def test_all_random_units_pass_nothing(tmp_path, cells):

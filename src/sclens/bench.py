@@ -34,7 +34,7 @@ from .evaluation import (DIAGNOSTICS, METRICS, BenchConfig, Cells, Endpoint, Spl
                          score_endpoint, shared_readouts)
 from .methods import METHODS, ROOT_MARKERS, Method, MethodSkipped
 from .stats import bh_qvalues, depth_ceiling, mean_ci, paired_wilcoxon
-from .utils import array_sha256, package_versions
+from .utils import array_sha256, package_versions, result_file
 
 __all__ = ["ABLATIONS", "METHODS", "REFERENCE", "BenchConfig", "BenchResult", "Endpoint", "Method", "Split",
            "ablations", "donor_splits", "parse_binary_spec", "read_bench_config", "run_campaign"]
@@ -117,9 +117,15 @@ class BenchResult:
                    d["params"], d["skipped"], d["info"], pd.DataFrame(d.get("ablations", [])))
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """``bench_<name>.json`` / ``.md`` / ``.html`` (+ figures) in ``out_dir``."""
         from .bench_report import write_report
 
         return write_report(self, Path(out_dir))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BenchResult":
+        """Reload a saved campaign from its ``bench_<name>.json`` or the folder holding it."""
+        return cls.from_json(result_file(path, "bench_*.json", "a saved campaign"))
 
 
 def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: str = "campaign",

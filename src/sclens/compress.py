@@ -48,7 +48,7 @@ from .evaluation import (BenchConfig, CampaignInputs, campaign_inputs, fit_extra
 from .errors import InputError
 from .extract import ExtractedModel, Operator, screen_table, select_operator
 from .stats import bh_qvalues, hypergeom_enrichment, marker_set_table, paired_wilcoxon
-from .utils import array_sha256, atomic_write, package_versions, write_json
+from .utils import array_sha256, atomic_write, package_versions, result_file, write_json
 
 SHARE_AT = (1, 4, 10, 16)
 
@@ -102,7 +102,14 @@ class CompressResult:
                 "programs": json_records(self.programs), "factor_cards": self.cards}
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """``compress_<name>.json`` / ``.md`` / ``.html`` in ``out_dir``."""
         return write_compress_report(self, Path(out_dir))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CompressResult":
+        """Reload a saved run from its ``compress_<name>.json`` or the folder holding it (the per-split factor
+        audit is not saved; its ranking is)."""
+        return cls.from_json(result_file(path, "compress_*.json", "a saved compression run"))
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CompressResult":

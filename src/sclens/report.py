@@ -115,7 +115,7 @@ def _bench_section(path: Path, figdir: Path) -> tuple[str, list[Path]]:
     from .bench_report import figures, runtime_table, summary_markdown
     from .htmlkit import md_to_html
 
-    res = BenchResult.from_json(path)
+    res = BenchResult.load(path)
     parts = [md_to_html(summary_markdown(res))]
     if res.skipped:
         parts.append("<p>Skipped: " + "; ".join(f"<b>{html.escape(k)}</b> ({html.escape(v)})"
@@ -159,10 +159,10 @@ def _bench_png(res, png: Path) -> None:
 def _compress_section(path: Path, figdir: Path) -> tuple[str, list[Path]]:
     import plotly.graph_objects as go
 
-    from .htmlkit import md_to_html
     from .compress import CompressResult, summary_markdown
+    from .htmlkit import md_to_html
 
-    res = CompressResult.from_json(path)
+    res = CompressResult.load(path)
     rk = res.ranking
     fig = go.Figure(go.Scatter(x=rk["rank_by_impact"], y=rk["cumulative_share"], mode="lines+markers"))
     fig.update_layout(title="Factor impact curve (cumulative share of the pooled drop)", height=340,

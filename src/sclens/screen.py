@@ -110,6 +110,9 @@ class ScreenReport:
         table = pd.read_csv(table_file)
         if "failure" in table:
             table["failure"] = table["failure"].fillna("").astype(str)
+        for c in table.columns:  # gates that could not be evaluated are NA: nullable booleans, as when screened
+            if c.startswith(("gate_", "passes_")) and (table[c].dtype == object or table[c].isna().all()):
+                table[c] = table[c].map({True: True, False: False, "True": True, "False": False}).astype("boolean")
         rep_file = folder / "screen_report.json"
         rep = json.loads(rep_file.read_text()) if rep_file.is_file() else {}
         ctl = folder / "screen_controls.csv"

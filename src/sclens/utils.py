@@ -102,3 +102,18 @@ def restores_torch_threads(fn: Callable) -> Callable:
                 torch.set_num_threads(before)
 
     return wrapper
+
+
+def result_file(path, pattern: str, what: str) -> Path:
+    """``path`` itself when it is a file, else the one file matching ``pattern`` in the folder ``path`` (a clear
+    error when there is none or several)."""
+    from .errors import InputError
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    found = sorted(path.glob(pattern)) if path.is_dir() else []
+    if len(found) != 1:
+        raise InputError(f"{path}: expected one {pattern} ({what}), found "
+                         f"{[f.name for f in found] if found else 'none'}; pass the file itself")
+    return found[0]

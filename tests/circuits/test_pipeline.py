@@ -38,6 +38,11 @@ def test_run_circuits_writes_every_part(small_lm, tmp_path):
     g = res.circuits["alpha"]
     assert g.target["predicted"] == "alpha" and g.nodes[0]["type"] == "logit"
     paths = res.save(tmp_path)
+    from sclens.circuits.pipeline import CircuitsResult, circuits_markdown
+
+    back = CircuitsResult.load(tmp_path)
+    assert circuits_markdown(back) == paths["report_md"].read_text()
+    assert back.circuits["alpha"].to_dict() == json.loads(json.dumps(g.to_dict()))
     for k in ("report_json", "report_md", "report_html", "safetensors", "circuit_alpha_png"):
         assert paths[k].is_file()
     rep = json.loads(paths["report_json"].read_text())

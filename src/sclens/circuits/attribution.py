@@ -262,6 +262,19 @@ class CircuitGraph:
         paths["png"] = plot_circuit(self, out_dir / f"{name}.png")
         return paths
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "CircuitGraph":
+        if d.get("format") != "sclens-circuit":
+            raise InputError("not an sclens circuit (format 'sclens-circuit' expected)")
+        return cls(d["target"], d["nodes"], d["edges"], d["scores"], d.get("info", {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CircuitGraph":
+        """Reload a circuit saved by :meth:`save` (its ``.json``)."""
+        import json
+
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
     def features(self) -> list[dict]:
         return [n for n in self.nodes if n["type"] == "feature"]
 

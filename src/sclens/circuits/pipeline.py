@@ -51,6 +51,23 @@ class CircuitsResult:
                                             lambda p: Path(p).write_text(circuits_html(self, out_dir)))
         return paths
 
+    @classmethod
+    def load(cls, folder: str | Path) -> "CircuitsResult":
+        """Reload a saved run (``circuits_report.json`` + the transcoders) from its folder."""
+        import json
+
+        f = Path(folder)
+        f = f / "circuits_report.json" if f.is_dir() else f
+        if not f.is_file():
+            raise InputError(f"{folder} holds no circuits_report.json (run `sclens circuits transcoders`)")
+        d = json.loads(f.read_text())
+        if d.get("format") != "sclens-circuits-report":
+            raise InputError(f"{f} is not an sclens circuits report")
+        s = d["interpretable_sample"]
+        sample = {k: v for k, v in s.items() if k != "table"} | {"table": pd.DataFrame(s["table"])}
+        return cls(TranscoderSet.load(f.parent), {int(l): pd.DataFrame(t) for l, t in d["features"].items()}, sample,
+                   {k: CircuitGraph.from_dict(g) for k, g in d["circuits"].items()}, d["heads"], d["info"])
+
 
 def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in s).strip("_").lower()
