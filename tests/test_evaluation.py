@@ -87,3 +87,5 @@ def test_endpoint_parsing_and_errors(tmp_path):
     bad.write_text('label_key = "c"\n')
     with pytest.raises(InputError, match="at least one"):
         read_bench_config(bad)
+
+

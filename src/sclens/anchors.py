@@ -68,6 +68,19 @@ def build_anchors(
     pseudo-replicate anchors (``obs['replicate']``). This gives single-source data enough anchors to fit a
     manifold; the pseudo-replicates are NOT independent donors, so the donor holdout and the donor-blocked
     permutation still see one donor (recorded in ``info``).
+
+    Parameters
+    ----------
+    adata, panel
+        Labelled cells and the operators' gene panel.
+    label_key, donor_key, tissue_key
+        obs columns: cell-type labels (mapped onto ``dag``'s stages), donors, tissues.
+    dag
+        The stage DAG (default: the shipped hematopoiesis DAG).
+
+    Returns
+    -------
+    :class:`Anchors`: mean log1p panel expression per (donor, tissue, stage) group with its stage, ruler and info.
     """
     dag = dag or StageDAG.default()
     require_obs_columns(adata, [label_key, donor_key, tissue_key])

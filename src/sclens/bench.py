@@ -130,7 +130,25 @@ class BenchResult:
 
 def run_campaign(adata: ad.AnnData, config: BenchConfig, *, model=None, name: str = "campaign",
                  layer: str | None = None, progress: bool = True) -> BenchResult:
-    """Run every method on every split and score every endpoint; see the module docstring."""
+    """Run every method on every split and score every endpoint; see the module docstring.
+
+    Parameters
+    ----------
+    adata
+        Labelled cells with a donor column (unless ``config.scheme`` is ``cells``).
+    config
+        Endpoints, splits and methods (:func:`sclens.evaluation.read_bench_config` reads them from TOML,
+        :func:`sclens.evaluation.bench_config` from endpoint specs).
+    model
+        The frozen model behind the extracted method and the MLP probe (default: the embedded model).
+    name, layer
+        Campaign name (file names); the layer of ``adata`` to read.
+
+    Returns
+    -------
+    :class:`BenchResult`: per-split scores, summaries with CIs, paired tests with BH q, the controls' ablations,
+    runtimes; ``save(folder)`` writes JSON, Markdown and HTML, ``BenchResult.load`` reads them back.
+    """
     from .models.api import resolve_model
 
     t_start = time.perf_counter()

@@ -457,6 +457,19 @@ def select_panel(
     ``seurat_v3`` runs on raw counts and is the default for count data; ``cell_ranger`` (on log data) is
     used when only log values exist. Genes detected in fewer than ``min_cells`` cells are never chosen.
     Ties and the final order follow scanpy's ranking, so the panel is deterministic.
+
+    Parameters
+    ----------
+    adata
+        Cells with harmonised gene ids (:func:`harmonize_gene_ids`).
+    vocabulary
+        The model's genes (``model.vocab.genes``); None: every gene of ``adata``.
+    n_genes, flavor, min_cells, layer
+        Panel size; scanpy's HVG flavour (default: from the value kind); detection floor; the layer to read.
+
+    Returns
+    -------
+    :class:`GenePanel` (ordered gene ids, flavour, provenance; ``to_dict`` / ``from_dict`` round-trip to JSON).
     """
     import scanpy as sc
 

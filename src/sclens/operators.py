@@ -308,7 +308,23 @@ def export_operators(
 
     One pass over ``n_ref_cells`` reference cells (sampled with ``seed``) in panel mode collects the mean
     attention patterns (for ``attn``) and each gene token's mean residual at every layer input (for ``qk``
-    and ``ov``). Returns ``{kind: OperatorBank}``.
+    and ``ov``).
+
+    Parameters
+    ----------
+    model
+        A loaded model of either family (:func:`sclens.load_model`).
+    adata, panel
+        Reference cells (labels are not used) and the gene panel (:func:`sclens.select_panel`).
+    kinds
+        Any of ``attn``, ``qk``, ``ov``.
+    n_ref_cells, seed, batch_size, layer
+        Reference cells sampled (seeded), forward-pass batch, the layer of ``adata`` to read.
+
+    Returns
+    -------
+    ``{kind: OperatorBank}``: per kind an array [layers, heads, G, G] with its panel and manifest (save them
+    together with :class:`OperatorFolder`).
 
     Rank-value models (Geneformer) have no panel positions: each reference cell is read as its own sentence (all
     its genes, ranked), a panel gene's residual is averaged over the cells whose sentence holds it, and ``attn`` is

@@ -49,6 +49,23 @@ def extract(
     With fewer than 3 donors, metrics are in-sample and marked so. The returned model is what was scored.
     ``fit_readouts=False`` stops after the adaptor (no readouts, no scores): for callers that read the latent with
     readouts of their own, like the benchmark's shared readouts.
+
+    Parameters
+    ----------
+    adata
+        Labelled training cells (counts or log1p) holding the operator's panel genes.
+    operator
+        The frozen operator (:func:`select_operator`).
+    label_key, donor_key, tissue_key
+        obs columns of cell-type labels (mapped onto the DAG), donors (held out whole) and tissues.
+    adaptor, d, epochs
+        ``ruler`` (closed form, default), ``cell`` or ``let``; latent size; training epochs of the trained adaptors.
+    seed
+        Seed of every stochastic step (recorded in the manifest).
+
+    Returns
+    -------
+    :class:`ExtractedModel`: operator + adaptor + readouts; ``save(path)`` writes ONE ``.safetensors`` file.
     """
     t0 = time.perf_counter()
     if adaptor not in ADAPTORS:

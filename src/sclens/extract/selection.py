@@ -205,7 +205,24 @@ def select_operator(
     pool: Sequence[tuple[int, int]] | None = None, weights: Sequence[float] | None = None, drift: bool = False,
     kind: str | None = None, report=None, rank: int | None = None,
 ) -> Operator:
-    """Stage 1: choose the frozen operator (exactly one of ``unit``, ``pool``, ``drift`` or ``report``)."""
+    """Stage 1: choose the frozen operator (exactly one of ``unit``, ``pool``, ``drift`` or ``report``).
+
+    Parameters
+    ----------
+    banks
+        ``{kind: OperatorBank}`` (e.g. ``OperatorFolder.load(folder).banks``) or one bank.
+    unit, pool, weights, drift, report
+        One unit ``(layer, head)``; a weighted pool of units; the drift pair of ``kind``; or the top operator
+        hypothesis of a screen report (a :class:`~sclens.screen.ScreenReport` or its folder).
+    kind
+        The operator kind (``attn``, ``qk``, ``ov``) when ``banks`` holds several.
+    rank
+        Replace the operator by its truncated SVD of this rank (factors ``U_r S_r`` and ``V_r^T``).
+
+    Returns
+    -------
+    :class:`Operator`: one or two blocks over the panel, with what was chosen in its ``info``.
+    """
     chosen = [unit is not None, pool is not None, drift, report is not None]
     if sum(chosen) != 1:
         raise InputError("choose exactly one of unit=(layer, head), pool=[units], drift=True or report=")

@@ -62,6 +62,19 @@ def apply(
     holds counts or log1p-normalised values over any genes; the panel is gathered by name (missing genes
     zero-filled with a warning, below 50 % coverage an error). Works chunk by chunk on in-memory and backed
     AnnData; a Dask array ``X`` is computed with Dask (on whatever scheduler / cluster is active).
+
+    Parameters
+    ----------
+    adata
+        Cells to annotate (never needs the training data).
+    model
+        An :class:`ExtractedModel` or the path of its ``.safetensors`` file.
+    fold, chunk_size, layer, copy
+        Use the folded G x d map (default) or the explicit chain; cells per chunk; layer to read; return a copy.
+
+    Returns
+    -------
+    None (``adata`` annotated in place) or the annotated copy (``copy=True``).
     """
     from tqdm.auto import tqdm
 

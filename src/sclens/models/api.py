@@ -17,7 +17,22 @@ from .tokenize import TokenBatch, Tokenizer
 
 def load_model(path, *, device: str = "cpu", allow_unsupported: bool = False) -> HookedEncoder:
     """Load a checkpoint folder of either family: scGPT (``args.json`` + ``vocab.json`` + ``best_model.pt``) or
-    Geneformer (HF BERT ``config.json`` + ``model.safetensors`` / ``pytorch_model.bin`` + its dictionaries)."""
+    Geneformer (HF BERT ``config.json`` + ``model.safetensors`` / ``pytorch_model.bin`` + its dictionaries).
+
+    Parameters
+    ----------
+    path
+        The checkpoint folder (official layout of either family; weights read with ``weights_only=True``).
+    device
+        ``cpu``, ``cuda`` or ``cuda:N`` (see :func:`resolve_device` for ``auto``).
+    allow_unsupported
+        scGPT: ignore fine-tuning modules sclens does not model instead of refusing the checkpoint.
+
+    Returns
+    -------
+    The hooked model (:class:`~sclens.models.HookedScGPT` or :class:`~sclens.models.geneformer.HookedGeneformer`),
+    in eval mode, with TransformerLens hook names.
+    """
     from pathlib import Path
 
     from ..errors import CheckpointError
@@ -153,6 +168,22 @@ def embed_cells(
     forces the mean), not normalised, into ``X_geneformer``. Works chunk by chunk, so backed AnnData need not fit
     in memory (the embeddings do). With ``copy=True`` a new AnnData is returned; otherwise the embeddings are
     written in place and also returned.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes (raw counts or log1p values for scGPT; raw counts, ``normalize_total`` or its log1p for
+        Geneformer); gene ids in ``var_names`` or ``var[var_key]`` (symbols or Ensembl ids).
+    model
+        A loaded model, a checkpoint folder, or None for the embedded default.
+    pooling, batch_size, seed, chunk_size
+        ``cls`` / ``avg`` (default: the family's official rule); forward-pass batch; tokenisation seed; cells per chunk.
+    key_added
+        The ``obsm`` key (default ``X_scgpt`` / ``X_geneformer``).
+
+    Returns
+    -------
+    The embeddings [cells, d] (``copy=False``) or a new AnnData holding them (``copy=True``).
     """
     if adata.n_obs == 0:
         raise InputError("the AnnData has 0 cells: there is nothing to embed")
