@@ -106,7 +106,7 @@ def write_cells(template: Path, n: int, path: Path, chunk: int = 50_000) -> floa
 
 
 def worker(case: str, artifact: str, data: str, out: str, fm_cells: int, threads: int) -> dict:
-    from sclens import _store
+    from sclens.extract import store as _store
     from sclens.extract import ExtractedModel, apply_file, head_value_kind, panel_index
 
     t0 = time.perf_counter()

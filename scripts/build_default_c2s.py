@@ -22,7 +22,8 @@ from pathlib import Path
 import anndata as ad
 import torch
 
-from sclens.circuits.lm import CellLMConfig, train_cell_lm
+from sclens.circuits.lm import CellLMConfig
+from sclens.circuits.lm_training import train_cell_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 

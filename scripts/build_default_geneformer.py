@@ -42,14 +42,14 @@ def kang_probe(model, shared: Path, n_cells: int = 2000, seed: int = 0) -> dict:
     from sclens.data import harmonize_gene_ids
     from sclens.models import embed_cells
     from sclens.models.controls import randomize
-    from sclens.models.probe import _folds, embedding_scores
+    from sclens.models.probe import embedding_scores, probe_folds
 
     a = harmonize_gene_ids(ad.read_h5ad(shared / KANG), var_key="gene_symbol")
     rng = np.random.default_rng(seed)
     a = a[np.sort(rng.choice(a.n_obs, size=min(n_cells, a.n_obs), replace=False))].copy()
     known = [g for g in a.var_names if g in model.vocab]
     y = a.obs["cell_type"].astype(str).to_numpy()
-    folds, scheme = _folds(y, a.obs["donor"].astype(str).to_numpy(), seed)
+    folds, scheme = probe_folds(y, a.obs["donor"].astype(str).to_numpy(), seed)
     out = {"n_cells": int(a.n_obs), "n_genes_shared": len(known), "folds": scheme}
     for name, m in (("model", model), ("random_weights", randomize(model, seed=seed))):
         Z = embed_cells(a[:, known].copy(), m, copy=True, progress=False).obsm["X_geneformer"]

@@ -61,14 +61,15 @@ def iter_chunks(adata: ad.AnnData, chunk_size: int = 10_000, layer: str | None =
 
 # ----------------------------------------------------------------------------- gene ids
 @lru_cache(maxsize=1)
-def _gene_table() -> pd.DataFrame:
+def gene_table() -> pd.DataFrame:
+    """sclens' shipped human gene table (``ensembl_id``, ``symbol``; from the Geneformer gc30M dictionary)."""
     with files("sclens").joinpath("resources/gene_ids.tsv.gz").open("rb") as fh:
         return pd.read_csv(gzip.open(fh), sep="\t", dtype=str)
 
 
 def ensembl_to_symbol() -> dict[str, str]:
     """Human Ensembl gene id -> HGNC symbol (from the Geneformer gc30M dictionary, shipped as data)."""
-    t = _gene_table()
+    t = gene_table()
     return dict(zip(t["ensembl_id"], t["symbol"]))
 
 

@@ -149,9 +149,9 @@ STAGE_WEIGHTS: dict[str, float] = {
 
 
 def _background_genes(n: int, exclude: set[str], vocabulary, rng: np.random.Generator) -> list[str]:
-    from .data import _gene_table
+    from .data import gene_table
 
-    pool = _gene_table()["symbol"].tolist()
+    pool = gene_table()["symbol"].tolist()
     if vocabulary is None:
         try:
             from .models import default_model_dir

@@ -8,8 +8,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from sclens.circuits.lm import (CellLMConfig, CellSentenceVocab, HookedCellLM, cell_sentences, load_cell_lm,
-                               pad_batch, save_cell_lm, train_cell_lm)
+from sclens.circuits.lm import (CellLMConfig, CellSentenceVocab, HookedCellLM, cell_sentences, load_cell_lm, pad_batch, save_cell_lm)
+from sclens.circuits.lm_training import train_cell_lm
 from sclens.errors import CheckpointError, InputError
 
 

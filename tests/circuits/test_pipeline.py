@@ -7,7 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from sclens.circuits.lm import CellLMConfig, train_cell_lm
+from sclens.circuits.lm import CellLMConfig
+from sclens.circuits.lm_training import train_cell_lm
 from sclens.circuits.pipeline import run_circuits
 from sclens.circuits.transcoders import TranscoderConfig
 from sclens.cli import app

@@ -87,12 +87,12 @@ def test_cell_representation_objectives_run_and_are_logged(sim_small):
     assert len(res.log["eval"]) == 3 and all(0 <= e["probe_knn_balanced_accuracy"] <= 1 for e in res.log["eval"])
     assert {"probe_logreg_balanced_accuracy", "probe_effective_rank"} <= set(res.log["final_eval"])
     # GEPC over every token differs from MVC over the masked ones on the same batch
-    from sclens.models.pretrain import _CellSampler, _losses
+    from sclens.models.pretrain import CellSampler, _losses
 
     X = __import__("scipy.sparse", fromlist=["csr_matrix"]).csr_matrix(sim_small.X)
     ids = res.model.vocab.lookup(sim_small.var_names.astype(str))
     keep = ids >= 0
-    smp = _CellSampler([(X[:, keep], ids[keep])], cfg, res.model.vocab, np.random.default_rng(0))
+    smp = CellSampler([(X[:, keep], ids[keep])], cfg, res.model.vocab, np.random.default_rng(0))
     b, t, m = smp.batch([(0, i) for i in range(8)])
     with torch.no_grad():
         _, masked_only, _ = _losses(res.model, b, t, m, "masked")
@@ -102,7 +102,7 @@ def test_cell_representation_objectives_run_and_are_logged(sim_small):
 
 def test_gene_resampled_views_share_cells_not_tokens(sim_small):
     """contrastive_views='genes': the second view is another draw of the same cells' genes (not a re-mask)."""
-    from sclens.models.pretrain import _CellSampler, _step_losses
+    from sclens.models.pretrain import CellSampler, _step_losses
 
     cfg = PretrainConfig(steps=1, seed=0, contrastive_weight=1.0, contrastive_views="genes", **{**CFG, "train_seq_len": 16})
     X = __import__("scipy.sparse", fromlist=["csr_matrix"]).csr_matrix(sim_small.X)
@@ -110,7 +110,7 @@ def test_gene_resampled_views_share_cells_not_tokens(sim_small):
     ids = model.vocab.lookup(sim_small.var_names.astype(str))
     keep = ids >= 0
     seen = []
-    smp = _CellSampler([(X[:, keep], ids[keep])], cfg, model.vocab, np.random.default_rng(0))
+    smp = CellSampler([(X[:, keep], ids[keep])], cfg, model.vocab, np.random.default_rng(0))
     original = smp.batch
     smp.batch = lambda cells, ratio=None: seen.append(original(cells, ratio)) or seen[-1]
     parts = _step_losses(model, smp, [(0, i) for i in range(6)], cfg)
@@ -130,14 +130,14 @@ def test_source_batches_draw_every_batch_from_one_source(sim_small):
     """source_batches=True: the cells of a batch (and so the contrastive negatives) come from one data set."""
     import scipy.sparse as sp
 
-    from sclens.models.pretrain import _CellSampler
+    from sclens.models.pretrain import CellSampler
 
     X = sp.csr_matrix(sim_small.X)
     ids = np.arange(X.shape[1])
     halves = [(X[:60], ids), (X[60:], ids)]
     for flag, expect_mixed in ((True, False), (False, True)):
         cfg = PretrainConfig(source_batches=flag, **CFG)
-        smp = _CellSampler(halves, cfg, None, np.random.default_rng(0))
+        smp = CellSampler(halves, cfg, None, np.random.default_rng(0))
         draws = [smp.draw(16) for _ in range(20)]
         mixed = [len({s for s, _ in d}) > 1 for d in draws]
         assert any(mixed) == expect_mixed

@@ -31,9 +31,9 @@ def test_embedding_scores_separable_vs_noise():
     donors = np.tile(["d1", "d2", "d3"], 60)
     centres = {"a": [5, 0], "b": [0, 5], "c": [-5, -5]}
     Z = np.array([centres[v] for v in y]) + rng.normal(0, 0.5, (180, 2))
-    from sclens.models.probe import _folds
+    from sclens.models.probe import probe_folds
 
-    folds, cv = _folds(y, donors, 0)
+    folds, cv = probe_folds(y, donors, 0)
     assert "GroupKFold" in cv and all(not set(donors[tr]) & set(donors[te]) for tr, te in folds)
     good = embedding_scores(Z, y, folds)
     assert good["knn_balanced_accuracy"] == pytest.approx(1.0) and good["probe_balanced_accuracy"] == pytest.approx(1.0)
@@ -44,7 +44,7 @@ def test_embedding_scores_separable_vs_noise():
 def test_baselines_are_exact_on_identical_cells_and_model_mse_matches_pretraining():
     """Identical cells with distinct values have identical bins: the per-gene mean and kNN imputation then
     predict every masked bin exactly. The model's MSE equals the pretraining loss on the same masked batch."""
-    from sclens.models.pretrain import PretrainConfig, _CellSampler, _losses
+    from sclens.models.pretrain import PretrainConfig, CellSampler, _losses
 
     model = load_default_model()
     genes = [g for g in model.vocab.genes if g.isalpha() and g.isupper()][:120]
@@ -62,7 +62,7 @@ def test_baselines_are_exact_on_identical_cells_and_model_mse_matches_pretrainin
     # the model's number is the pretraining MSE on the very same positions (one batch of 20 cells)
     res1 = masked_value_probe(model, X, ids, fit, ev, seq_len=64, seed=3, batch_size=32, n_components=5)
     cfg = PretrainConfig(train_seq_len=64, zero_fraction=0.3, mask_ratio=0.4, n_bins=model.config.n_bins, batch_size=32)
-    sampler = _CellSampler([(X[ev], ids)], cfg, model.vocab, np.random.default_rng(4))
+    sampler = CellSampler([(X[ev], ids)], cfg, model.vocab, np.random.default_rng(4))
     b, t, m = sampler.batch([(0, i) for i in range(20)])
     with torch.no_grad():
         mlm, _, _ = _losses(model.eval(), b, t, m)

@@ -318,7 +318,7 @@ def splice_hooks(model, transcoders: dict[int, Transcoder] | None = None, ablate
 def lm_losses(model, sentences, labels, *, transcoders: dict[int, Transcoder] | None = None,
               ablate: Sequence[int] = (), batch_size: int = 64) -> dict:
     """Next-gene CE, cell-type CE and cell-type accuracy with the given MLPs spliced or ablated."""
-    from .lm import celltype_losses
+    from .lm_training import celltype_losses
 
     with splice_hooks(model, transcoders, ablate):
         return celltype_losses(model, model.encode_cells(sentences, labels), model.vocab, batch_size=batch_size)

@@ -44,7 +44,8 @@ def circuits_pretrain(
                                             "(the model is saved from the CPU)."),
 ) -> None:
     """Train a gene-level cell-sentence GPT-NeoX from scratch (task: the cell type after the sentence)."""
-    from ..circuits.lm import CellLMConfig, train_cell_lm
+    from ..circuits.lm import CellLMConfig
+    from ..circuits.lm_training import train_cell_lm
     from ..data import read_h5ad
 
     cfg = CellLMConfig(d_model=d_model, n_layers=layers, n_heads=heads, d_mlp=d_mlp, top_k=top_k, steps=steps,

@@ -149,20 +149,20 @@ def apply_file(
 
     from tqdm.auto import tqdm
 
-    from .. import _store
+    from . import store
 
     if not isinstance(model, ExtractedModel):
         model = ExtractedModel.load(model)
     in_path, out_path = Path(in_path), Path(out_path)
     if out_path.resolve() == in_path.resolve():
         raise InputError("the output path must differ from the input: sclens never overwrites its input")
-    if _store.is_zarr(in_path) != (out_path.suffix == ".zarr"):
+    if store.is_zarr(in_path) != (out_path.suffix == ".zarr"):
         raise InputError(f"output {out_path.name} must have the input's format "
-                         f"({'.zarr' if _store.is_zarr(in_path) else '.h5ad'})")
+                         f"({'.zarr' if store.is_zarr(in_path) else '.h5ad'})")
     t0 = time.perf_counter()
-    src = _store.open_store(in_path, "r")
+    src = store.open_store(in_path, "r")
     try:
-        mat = _store.RowMatrix(src, layer)
+        mat = store.RowMatrix(src, layer)
         names = gene_symbols(mat.var_names)
         idx, coverage = model.panel.column_index(names), model.panel.coverage(names)
         kind = head_value_kind(mat.rows(0, min(2000, mat.n_obs)))
@@ -170,12 +170,12 @@ def apply_file(
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out_path.parent, prefix=f".{out_path.name}.")) / out_path.name
         try:
-            _store.copy_store(in_path, tmp)
-            dst = _store.open_store(tmp, "r+")
+            store.copy_store(in_path, tmp)
+            dst = store.open_store(tmp, "r+")
             try:
-                obsm = _store.require_group(dst, "obsm")
-                latent = _store.create_array(obsm, OBSM_LATENT, (n, model.adaptor.d), np.float32)
-                proba = {name: _store.create_array(obsm, f"sclens_{name}_proba", (n, len(model.readouts[name].classes)),
+                obsm = store.require_group(dst, "obsm")
+                latent = store.create_array(obsm, OBSM_LATENT, (n, model.adaptor.d), np.float32)
+                proba = {name: store.create_array(obsm, f"sclens_{name}_proba", (n, len(model.readouts[name].classes)),
                                                    np.float32) for name in ("branch", "stage")}
                 pt = np.empty(n, np.float32)
                 codes = {name: np.empty(n, np.int16) for name in ("branch", "stage")}
@@ -190,26 +190,26 @@ def apply_file(
                     for p in probe_scores:
                         probe_scores[p][sl] = res[p][:, 1]
                     pt[sl] = res["pseudotime"]
-                obs = _store.read_obs(dst)
+                obs = store.read_obs(dst)
                 obs[OBS_KEYS["pseudotime"]] = pt
                 for name in ("branch", "stage"):
                     classes = model.readouts[name].classes
                     obs[OBS_KEYS[name]] = pd.Categorical.from_codes(codes[name], categories=classes)
                 for p, v in probe_scores.items():
                     obs[f"sclens_{p}_score"] = v
-                _store.replace_elem(dst, "obs", obs)
-                uns = _store.require_group(dst, "uns")
-                _store.replace_elem(uns, "sclens", _apply_info(model, coverage, kind, fold))
+                store.replace_elem(dst, "obs", obs)
+                uns = store.require_group(dst, "uns")
+                store.replace_elem(uns, "sclens", _apply_info(model, coverage, kind, fold))
             finally:
-                _store.close_store(dst)
-            _store.reconsolidate(tmp)
+                store.close_store(dst)
+            store.reconsolidate(tmp)
             if out_path.exists():
                 shutil.rmtree(out_path) if out_path.is_dir() else out_path.unlink()
             os.replace(tmp, out_path)
         finally:
             shutil.rmtree(tmp.parent, ignore_errors=True)
     finally:
-        _store.close_store(src)
+        store.close_store(src)
     seconds = time.perf_counter() - t0
     return {"n_cells": n, "seconds": seconds, "cells_per_second": n / seconds if seconds else float("nan"),
             "out": str(out_path), "input_kind": kind, "panel_coverage": coverage}

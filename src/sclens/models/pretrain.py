@@ -145,7 +145,7 @@ class PretrainResult:
     out_dir: Path | None = None
 
 
-class _CellSampler:
+class CellSampler:
     """Builds masked training batches from one or more count matrices (each with its own gene set)."""
 
     def __init__(self, sources: list[tuple[sp.csr_matrix, np.ndarray]], cfg: PretrainConfig, vocab: GeneVocab,
@@ -251,7 +251,7 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> to
     return 0.5 * (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
 
 
-def _step_losses(model, sampler: "_CellSampler", cells, cfg: PretrainConfig) -> dict[str, torch.Tensor]:
+def _step_losses(model, sampler: "CellSampler", cells, cfg: PretrainConfig) -> dict[str, torch.Tensor]:
     """Every objective of one step on one draw of cells (two views when the contrastive term is on)."""
     batch, target, masked = sampler.batch(cells, sampler.ratio())
     mlm, mvc, cls = _losses(model, batch, target, masked, cfg.mvc_scope)
@@ -335,9 +335,9 @@ def pretrain_scgpt(
     rng = np.random.default_rng(cfg.seed)
     model = HookedScGPT(cfg.model_config(), vocab).to(cfg.device)
     model.train()
-    sampler = _CellSampler(sources, cfg, vocab, rng)
+    sampler = CellSampler(sources, cfg, vocab, rng)
     eval_rng = np.random.default_rng(cfg.seed + 1)
-    eval_sampler = _CellSampler(sources, cfg, vocab, eval_rng)
+    eval_sampler = CellSampler(sources, cfg, vocab, eval_rng)
     eval_batches = [eval_sampler.batch(eval_sampler.draw(min(cfg.batch_size, cfg.eval_cells)))
                     for _ in range(max(1, cfg.eval_cells // cfg.batch_size))]
 
@@ -414,7 +414,7 @@ def pretrain_scgpt(
 def _probe_fn(probe: tuple, seed: int, n_cells: int = 500):
     """A callable model -> {probe_knn_balanced_accuracy, probe_logreg_balanced_accuracy} on a fixed labelled sample."""
     from .api import tokenize_adata
-    from .probe import _folds, embedding_scores
+    from .probe import probe_folds, embedding_scores
 
     adata, label_key, donor_key = (tuple(probe) + (None,))[:3]
     from ..data import require_obs_columns
@@ -425,7 +425,7 @@ def _probe_fn(probe: tuple, seed: int, n_cells: int = 500):
     sub = adata[idx].copy()
     y = sub.obs[label_key].astype(str).to_numpy()
     groups = sub.obs[donor_key].astype(str).to_numpy() if donor_key else None
-    folds, _ = _folds(y, groups, seed)
+    folds, _ = probe_folds(y, groups, seed)
     state: dict = {}
 
     def run(model) -> dict:

@@ -134,7 +134,9 @@ def effective_rank(Z: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def _folds(y: np.ndarray, groups: np.ndarray | None, seed: int, n_folds: int = 5):
+def probe_folds(y: np.ndarray, groups: np.ndarray | None, seed: int, n_folds: int = 5):
+    """Cross-validation folds of the probes: grouped by donor (``GroupKFold``) when ``groups`` holds at least two,
+    else stratified by label; returns (the fold list, a description of the scheme)."""
     from sklearn.model_selection import GroupKFold, StratifiedKFold
 
     if groups is not None and len(np.unique(groups)) >= 2:
@@ -192,13 +194,13 @@ def masked_value_probe(model, X: sp.csr_matrix, ids: np.ndarray, fit_rows: np.nd
     ``fit_rows`` only; every predictor is scored on the same masked positions of ``eval_rows``."""
     import torch
 
-    from .pretrain import PretrainConfig, _CellSampler
+    from .pretrain import PretrainConfig, CellSampler
 
     cfg = PretrainConfig(train_seq_len=seq_len, zero_fraction=zero_fraction, mask_ratio=mask_ratio,
                          n_bins=model.config.n_bins, batch_size=batch_size)
     col_of = {int(t): j for j, t in enumerate(ids)}
     # per-gene mean of the targets of sequences drawn as in training, on other cells
-    fit_sampler = _CellSampler([(X[fit_rows], ids)], cfg, model.vocab, np.random.default_rng(seed))
+    fit_sampler = CellSampler([(X[fit_rows], ids)], cfg, model.vocab, np.random.default_rng(seed))
     sums, counts = np.zeros(len(ids)), np.zeros(len(ids))
     for start in range(0, len(fit_rows), batch_size):
         cells = [(0, int(r)) for r in range(start, min(start + batch_size, len(fit_rows)))]
@@ -218,7 +220,7 @@ def masked_value_probe(model, X: sp.csr_matrix, ids: np.ndarray, fit_rows: np.nd
     V = Vt[: min(n_components, len(Vt))].T  # [genes, c]
     Zfit = (B - mu) @ V
     # the model on held-out cells
-    ev_sampler = _CellSampler([(X[eval_rows], ids)], cfg, model.vocab, np.random.default_rng(seed + 1))
+    ev_sampler = CellSampler([(X[eval_rows], ids)], cfg, model.vocab, np.random.default_rng(seed + 1))
     preds = {"model": [], "per_gene_mean": [], "knn_impute": []}
     targets = []
     model.eval()
@@ -339,7 +341,7 @@ def probe_model(
     emb_rows = np.sort(rng.choice(usable, size=min(n_cells, len(usable)), replace=False))
     y = labels[emb_rows]
     groups = adata.obs[donor_key].astype(str).to_numpy()[emb_rows] if donor_key else None
-    folds, cv = _folds(y, groups, seed)
+    folds, cv = probe_folds(y, groups, seed)
     sub = adata[emb_rows].copy()
     rows = []
     sources = [("model", model)] + ([("random_weights", randomize(model, random_seed))] if random_weights else [])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import InputError
+from ..errors import InputError
 
 ARRAY_ENCODING = {"encoding-type": "array", "encoding-version": "0.2.0"}
 DICT_ENCODING = {"encoding-type": "dict", "encoding-version": "0.1.0"}
