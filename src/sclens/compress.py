@@ -47,7 +47,8 @@ from .evaluation import (BenchConfig, CampaignInputs, campaign_inputs, fit_extra
                          score_endpoint)
 from .errors import InputError
 from .extract import ExtractedModel, Operator, screen_table, select_operator
-from .stats import bh_qvalues, hypergeom_enrichment, marker_set_table, paired_wilcoxon
+from .datasets import marker_set_table
+from .stats import bh_qvalues, hypergeom_enrichment, paired_wilcoxon
 from .utils import array_sha256, atomic_write, package_versions, result_file, write_json
 
 SHARE_AT = (1, 4, 10, 16)

@@ -148,6 +148,11 @@ STAGE_WEIGHTS: dict[str, float] = {
 }
 
 
+def marker_set_table() -> dict[str, dict]:
+    """The shipped marker gene sets, ``{set name: {"genes": [...], ...}}`` (the ``sets`` of :func:`marker_sets`)."""
+    return marker_sets()["sets"]
+
+
 def _background_genes(n: int, exclude: set[str], vocabulary, rng: np.random.Generator) -> list[str]:
     from .data import gene_table
 

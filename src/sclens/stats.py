@@ -114,10 +114,7 @@ def mean_ci(v: Sequence[float], level: float = 0.95) -> tuple[float, float, floa
     return m, m - h, m + h
 
 
-def marker_set_table() -> dict[str, dict]:
-    from .datasets import marker_sets
 
-    return marker_sets()["sets"]
 
 
 def hypergeom_enrichment(selected: Sequence[str], gene_set: Sequence[str], universe: Sequence[str]) -> dict:

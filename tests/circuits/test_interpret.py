@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sclens.circuits.interpret import feature_activity, interpret_features, interpretable_fraction
-from sclens.compress import marker_set_table
+from sclens.datasets import marker_set_table
 
 
 def planted_activity(seed: int = 0):

@@ -92,7 +92,8 @@ def interpret_features(act: FeatureActivity, features: Sequence[int] | None = No
                        min_count: int = 5, alpha: float = 0.05, n_cells: int = 20, n_context_cells: int = 50,
                        sets: dict | None = None) -> pd.DataFrame:
     """One row per feature: density, top and context genes, top cells' types, specificity, best set, q, label."""
-    from ..stats import bh_qvalues, hypergeom_enrichment, marker_set_table
+    from ..datasets import marker_set_table
+    from ..stats import bh_qvalues, hypergeom_enrichment
 
     sets = sets or marker_set_table()
     features = act.live_features() if features is None else np.asarray(features, dtype=int)
