@@ -31,18 +31,23 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=1, default=_json_default)))
+    return atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=1, default=json_default)))
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps(default=...)`` for numpy scalars and arrays, tuples, sets and paths."""
     import numpy as np
 
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):
         return float(o)
+    if isinstance(o, (np.bool_,)):
+        return bool(o)
     if isinstance(o, np.ndarray):
         return o.tolist()
+    if isinstance(o, (tuple, set)):
+        return list(o)
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -13,7 +13,7 @@ from .. import __version__
 from ..data import GenePanel
 from ..errors import ArtifactError
 from ..ontology import StageDAG
-from ..utils import atomic_write
+from ..utils import atomic_write, json_default
 from .adaptor import Adaptor
 from .selection import Operator, OperatorBlock
 from .readouts import Readout
@@ -129,7 +129,7 @@ class ExtractedModel:
         manifest = {k: v for k, v in self.manifest.items() if k not in ("content_sha256", "structure")}
         manifest.update({"format": FORMAT, "format_version": FORMAT_VERSION, "structure": self._structure(),
                          "n_trainable": self.n_trainable(), "operator_values": self.operator.n_values})
-        manifest_json = json.dumps(manifest, sort_keys=True, default=_json_default)
+        manifest_json = json.dumps(manifest, sort_keys=True, default=json_default)
         digest = content_hash(manifest_json, tensors)
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "manifest": manifest_json, "content_sha256": digest}
         atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
@@ -222,22 +222,6 @@ def content_hash(manifest_json: str, tensors: dict[str, np.ndarray]) -> str:
         h.update(f"{name}|{a.dtype.str}|{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.bool_,)):
-        return bool(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def load(path: str | Path) -> ExtractedModel:
