@@ -21,6 +21,13 @@ def test_data_command_reports_and_writes_panel(h5ad, tmp_path):
     assert r.exit_code == 0, r.output
     assert "counts" in r.output and "all 360 cells mapped" in r.output
     assert len(json.loads((tmp_path / "panel.json").read_text())["genes"]) == 50
+    from sclens.data import GenePanel
+    from sclens.errors import InputError
+
+    assert len(GenePanel.load(tmp_path / "panel.json")) == 50
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(InputError, match="holds no 'genes' list"):
+        GenePanel.load(tmp_path / "bad.json")
 
 
 def test_data_command_missing_column_is_exit_2(h5ad):

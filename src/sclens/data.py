@@ -11,6 +11,7 @@ No function here modifies the caller's AnnData unless it is given ``copy=False``
 from __future__ import annotations
 
 import gzip
+import json
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -407,6 +408,26 @@ class GenePanel:
     def from_dict(cls, d: dict) -> "GenePanel":
         return cls(genes=tuple(d["genes"]), flavor=d.get("flavor", "given"), n_requested=d.get("n_requested", len(d["genes"])),
                    target_sum=d.get("target_sum", TARGET_SUM))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the panel as JSON (``panel.json``), atomically."""
+        from .utils import write_json
+
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GenePanel":
+        """Read a panel written by :meth:`save` (or by ``sclens data --panel-out``)."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"panel file {path} not found") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not a panel JSON ({exc})") from None
+        if not isinstance(d, dict) or not d.get("genes"):
+            raise InputError(f"{path} holds no 'genes' list: not a panel written by sclens")
+        return cls.from_dict(d)
 
     def coverage(self, var_names: Iterable[str]) -> float:
         present = set(map(str, var_names))

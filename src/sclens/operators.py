@@ -152,7 +152,7 @@ class OperatorFolder:
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / PANEL_FILE, self.panel.to_dict())
+        self.panel.save(out / PANEL_FILE)
         for kind, bank in self.banks.items():
             bank.save(out / bank_file(kind))
         return out
@@ -171,7 +171,7 @@ class OperatorFolder:
                              f"(kinds present: {present})")
         banks = {k: OperatorBank.load(folder / bank_file(k)) for k in (kinds or present)}
         pf = folder / PANEL_FILE
-        panel = GenePanel.from_dict(json.loads(pf.read_text())) if pf.is_file() else next(iter(banks.values())).panel
+        panel = GenePanel.load(pf) if pf.is_file() else next(iter(banks.values())).panel
         return cls(panel, banks)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, SclensError
 from .utils import atomic_write, write_json
 
 SCREEN_COLUMNS = ["featurisation", "layer", "head", "fitter", "trustworthiness", "ruler_spearman_resid",
@@ -173,19 +173,26 @@ def _compress_section(path: Path, figdir: Path) -> tuple[str, list[Path]]:
 
 
 def _circuits_section(path: Path) -> tuple[str, list[Path]]:
-    from .circuits.pipeline import circuits_fragment
+    from .circuits.pipeline import CircuitsResult, circuits_fragment, circuits_markdown
 
-    md = path.with_suffix(".md")
-    if not md.is_file():
-        return f"<p>{html.escape(md.name)} is missing next to {html.escape(path.name)}.</p>", [path]
-    return circuits_fragment(md.read_text(), path.parent), [path, md, *sorted(path.parent.glob("circuit_*.png"))]
+    try:
+        res = CircuitsResult.load(path.parent)
+    except SclensError as exc:
+        return f"<p>{html.escape(str(exc))}</p>", [path]
+    return (circuits_fragment(circuits_markdown(res), path.parent),
+            [path, path.with_name("transcoders.json"), *sorted(path.parent.glob("circuit_*.png"))])
 
 
 def _sae_section(path: Path, page_dir: Path) -> tuple[str, list[Path]]:
-    atlas = json.loads(path.read_text())
-    summ = pd.DataFrame(atlas["summary"])
-    parts = [_table(summ)]
-    for layer, feats in atlas["features"].items():
+    from .circuits.sae import SAEAtlas
+
+    try:
+        atlas = SAEAtlas.load(path.parent)
+    except SclensError as exc:
+        return f"<p>{html.escape(str(exc))}</p>", [path]
+    parts = [_table(atlas.summary())]
+    for layer, table in atlas.tables.items():
+        feats = table.to_dict(orient="records")
         good = sorted((f for f in feats if f.get("interpretable")), key=lambda f: f["q"])[:5]
         if good:
             parts.append(f"<p><b>Layer {html.escape(layer)}</b>, most significant features: " + "; ".join(
@@ -195,7 +202,7 @@ def _sae_section(path: Path, page_dir: Path) -> tuple[str, list[Path]]:
     if page.is_file():
         rel = os.path.relpath(page, page_dir)
         parts.append(f"<p>Every feature of every layer, filterable: <a href='{html.escape(rel)}'>{html.escape(rel)}</a></p>")
-    return "".join(parts), [path]
+    return "".join(parts), [path, path.with_suffix(".safetensors")]
 
 
 def _compress_png(res, png: Path) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from sclens.circuits.lm import CellLMConfig
@@ -91,6 +93,11 @@ def test_sae_atlas_on_the_default_scgpt_model(tmp_path):
     page = paths["html"].read_text()
     assert "filter" in page and "Layer 0" in page
     assert json.loads(paths["json"].read_text())["format"] == "sclens-sae-atlas"
+    from sclens.circuits.sae import SAEAtlas
+
+    back = SAEAtlas.load(tmp_path)
+    pd.testing.assert_frame_equal(back.summary(), s, check_dtype=False)
+    assert torch.equal(back.saes[0].W_enc, atlas.saes[0].W_enc) and torch.equal(back.means[0], atlas.means[0])
     with pytest.raises(InputError, match="out of range"):
         train_sae_atlas(a, None, layers=[99], progress=False)
 

@@ -62,6 +62,29 @@ class SAEAtlas:
         paths["html"] = atomic_write(out_dir / "sae_atlas.html", lambda p: Path(p).write_text(atlas_html(self)))
         return paths
 
+    @classmethod
+    def load(cls, folder: str | Path) -> "SAEAtlas":
+        """Reload a saved atlas (``sae_atlas.json`` + ``sae_atlas.safetensors``) from its folder."""
+        import json
+
+        from safetensors.torch import load_file
+
+        f = Path(folder)
+        f = f / "sae_atlas.json" if f.is_dir() else f
+        if not f.is_file() or not f.with_suffix(".safetensors").is_file():
+            raise InputError(f"{folder} holds no sae_atlas.json + sae_atlas.safetensors (run `sclens circuits sae`)")
+        d = json.loads(f.read_text())
+        if d.get("format") != "sclens-sae-atlas":
+            raise InputError(f"{f} is not an sclens SAE atlas")
+        st = load_file(str(f.with_suffix(".safetensors")))
+        saes, means = {}, {}
+        for l, spec in d["layers"].items():
+            sae = Transcoder(spec["d_in"], spec["d_sae"], spec["d_out"], kind=spec["kind"], k=spec["k"])
+            sae.load_state_dict({k: st[f"blocks.{l}.{k}"] for k in ("W_enc", "b_enc", "W_dec", "b_dec")})
+            saes[int(l)], means[int(l)] = sae.eval(), st[f"blocks.{l}.input_mean"]
+        return cls(saes, means, TranscoderConfig(**d["config"]), d["metrics"],
+                   {int(l): pd.DataFrame(t) for l, t in d["features"].items()}, d.get("info", {}))
+
 
 def harvest_residuals(model, adata, *, layers: Sequence[int] | None = None, max_len: int = 256, seed: int = 0,
                       batch_size: int = 32, var_key: str | None = None, layer: str | None = None,

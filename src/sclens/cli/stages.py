@@ -42,7 +42,6 @@ def data(
     from ..data import harmonize_gene_ids, read_h5ad, select_panel, validate
     from ..models.api import resolve_model
     from ..ontology import StageDAG
-    from ..utils import write_json
 
     adata = read_h5ad(path, backed=backed)
     if var_key:
@@ -68,7 +67,7 @@ def data(
         a = adata.to_memory() if getattr(adata, "isbacked", False) else adata
         a = harmonize_gene_ids(a, vocabulary=m.vocab.genes)
         panel = select_panel(a, m.vocab.genes, n_genes=n_genes, layer=layer)
-        write_json(panel_out, panel.to_dict())
+        panel.save(panel_out)
         typer.echo(f"panel: {len(panel)} genes ({panel.flavor}) -> {panel_out}")
 
 
@@ -233,7 +232,7 @@ def export_operators_cmd(
 
     m = resolve_model(model, device)
     adata = harmonize_gene_ids(read_h5ad(data_path), var_key=var_key, vocabulary=m.vocab.genes)
-    panel = (GenePanel.from_dict(json.loads(panel_file.read_text())) if panel_file
+    panel = (GenePanel.load(panel_file) if panel_file
              else select_panel(adata, m.vocab.genes, n_genes=n_genes, layer=layer))
     banks = export_operators(m, adata, panel, split_list(kinds), n_ref_cells=n_ref_cells, seed=seed,
                              batch_size=batch_size, layer=layer)
