@@ -195,7 +195,7 @@ def _sae_section(path: Path, page_dir: Path) -> tuple[str, list[Path]]:
         feats = table.to_dict(orient="records")
         good = sorted((f for f in feats if f.get("interpretable")), key=lambda f: f["q"])[:5]
         if good:
-            parts.append(f"<p><b>Layer {html.escape(layer)}</b>, most significant features: " + "; ".join(
+            parts.append(f"<p><b>Layer {html.escape(str(layer))}</b>, most significant features: " + "; ".join(
                 f"F{f['feature']} {html.escape(str(f['label']))} (q={f['q']:.2g}: "
                 f"{html.escape(', '.join(f['top_genes'][:6]))})" for f in good) + "</p>")
     page = path.with_suffix(".html")
