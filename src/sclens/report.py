@@ -88,7 +88,7 @@ def _screen_section(folder: Path) -> tuple[str, list[Path]]:
 
     sr = ScreenReport.load(folder)
     table, info = sr.table, sr.info
-    used = [folder / "screen_table.csv"] + ([folder / "screen_report.json"] if sr.gates_sha256 else [])
+    used = [f for f in (folder / "screen_table.csv", folder / "screen_report.json") if f.is_file()]
     lg = info.get("learned_gate") or {}
     if lg.get("evaluated"):
         learned = (f" The <b>learned</b> gate (beat the raw panel and the {lg.get('random_quantile', 0.95):.0%} quantile "
