@@ -2,7 +2,8 @@
 ``benchmarks/results/bench/bench_<name>.{json,md,html}``.
 
     python benchmarks/bench_campaigns.py kang2018 onek1k paul15 ginhoux pbmc68k_to_mudan synthetic \
-        [--shared ../shared] [--scvi-epochs 50]
+        [--shared ../shared] [--scvi-epochs 50] [--model CHECKPOINT_DIR] [--operator L3H5]
+        [--methods a,b] [--suffix _x]
 
 Campaign families (kept apart in every report):
   (a) real donor holdout: kang2018 (8 donors, leave-one-out), onek1k (100 donors, grouped 10-fold)
@@ -77,15 +78,22 @@ def main() -> None:
     ap.add_argument("--scvi-epochs", type=int, default=50)
     ap.add_argument("--methods", default=None)
     ap.add_argument("--suffix", default="", help="appended to the report names (e.g. _controls for a methods subset)")
+    ap.add_argument("--operator", default=None,
+                    help="the extracted methods' operator: 'drift' (the endpoint file's default) or L<layer>H<head>")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="checkpoint folder behind the extracted methods (default: the embedded default model)")
     args = ap.parse_args()
     for name in args.campaigns:
         cfg = read_bench_config(HERE / "campaigns" / CAMPAIGNS[name], scvi_epochs=args.scvi_epochs,
-                                methods=args.methods.split(",") if args.methods else None)
+                                methods=args.methods.split(",") if args.methods else None,
+                                **({"operator": args.operator} if args.operator else {}))
         cfg.notes = list(cfg.notes) + [f"scVI trained for {cfg.scvi_epochs} epochs (CPU budget; scvi-tools' own rule "
                                        "would give up to 400)."]
         adata = load(name, args.shared)
         t0 = time.perf_counter()
-        res = run_campaign(adata, cfg, name=name + args.suffix)
+        if args.model is not None:
+            cfg.notes = list(cfg.notes) + [f"Model: {args.model.name} (checkpoint folder passed with --model)."]
+        res = run_campaign(adata, cfg, model=args.model, name=name + args.suffix)
         paths = res.save(args.out)
         print(summary_markdown(res))
         print(f"{name}: {time.perf_counter() - t0:.0f} s; skipped {res.skipped}; runtime {res.info['runtime_ratio']}")
