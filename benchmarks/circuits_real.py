@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +29,9 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=HERE.parent.parent / "shared")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "circuits")
     ap.add_argument("--skip-sae", action="store_true")
+    ap.add_argument("--sae-random-control", type=int, default=1,
+                    help="also build the atlas of this many random-weights copies of the model (the control every "
+                         "learning claim needs; 0: skip)")
     ap.add_argument("--skip-transcoders", action="store_true",
                     help="only the SAE atlas (e.g. after the scGPT default changed; the cell-sentence model did not)")
     args = ap.parse_args()
@@ -50,12 +55,34 @@ def main() -> None:
         atlas = train_sae_atlas(adata, "sorted_population", config=TranscoderConfig(kind="topk", expansion=4, k=16,
                                                                                      epochs=4, max_tokens=100_000))
         apaths = atlas.save(args.out)
-        print(atlas.summary().to_string(index=False))
-        for l, t in atlas.tables.items():
-            good = t[t.interpretable].sort_values("q").head(5)
-            for r in good.itertuples():
-                print(f"L{l} F{r.feature}: {r.label} (q={r.q:.2g}) {', '.join(r.top_genes[:8])} | {r.top_cell_type}")
+        _write_summary(atlas, args.out / "sae_atlas_summary.txt", f"SAE atlas: {time.perf_counter() - t0:.0f} s")
         print(f"SAE atlas: {time.perf_counter() - t0:.0f} s -> {apaths['html']}")
+        from sclens.models import load_default_model
+        from sclens.models.controls import randomize
+
+        for seed in range(args.sae_random_control):
+            t0 = time.perf_counter()
+            ctl = train_sae_atlas(adata, "sorted_population", model=randomize(load_default_model(), seed),
+                                  config=TranscoderConfig(kind="topk", expansion=4, k=16, epochs=4,
+                                                          max_tokens=100_000))
+            with tempfile.TemporaryDirectory() as tmp:
+                cpaths = ctl.save(tmp)
+                shutil.copy(cpaths["html"], args.out / f"sae_atlas_random_weights{seed}.html")
+            _write_summary(ctl, args.out / f"sae_atlas_random_weights{seed}_summary.txt",
+                           f"SAE atlas of a random-weights copy of the default model (randomize seed {seed}): "
+                           f"{time.perf_counter() - t0:.0f} s")
+
+
+def _write_summary(atlas, path: Path, title: str) -> None:
+    """The per-layer table (with which gene list made each call) and the five best features per layer."""
+    lines = [title, atlas.summary().to_string(index=False)]
+    for l, t in atlas.tables.items():
+        good = t[t.interpretable].sort_values("q").head(5)
+        for r in good.itertuples():
+            lines.append(f"L{l} F{r.feature}: {r.label} (q={r.q:.2g}, from {r.label_from}: {r.overlap}) "
+                         f"top genes {', '.join(r.top_genes[:8])} | top cell type {r.top_cell_type}")
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -162,3 +162,23 @@ def test_cli_compress_end_to_end(sim, tmp_path):
     r = CliRunner().invoke(app, ["compress", str(tmp_path / "sim.h5ad"), "--endpoints", str(tmp_path / "ep.toml"),
                                  "-o", str(tmp_path / "out2"), "--unit", "L1H0", "--ranks", "four"])
     assert r.exit_code == 2 and "--ranks must be integers" in r.output
+
+
+def test_compaction_table_counts_the_single_heads_one_test_against_both_columns():
+    """The single head's previous step is the reference: its one comparison must show in both loss columns."""
+    from types import SimpleNamespace
+
+    variants = pd.DataFrame({"variant": ["reference", "single_head", "rank8"], "operator": ["a", "b", "c"],
+                             "file_bytes": [30, 20, 10], "operator_bytes": [3, 2, 1], "operator_values": [9, 4, 1]})
+    summary = pd.DataFrame({"variant": ["reference", "single_head", "rank8"], "endpoint": "e", "metric": "auroc",
+                            "mean": [0.9, 0.8, 0.7]})
+    comparisons = pd.DataFrame({
+        "variant": ["single_head", "rank8", "rank8"], "against": ["reference", "single_head", "reference"],
+        "step": ["previous", "previous", "reference"], "endpoint": "e", "metric": "auroc",
+        "mean_diff": [-0.1, -0.1, -0.2], "q": [0.01, 0.2, 0.01], "significant_loss": [True, False, True]})
+    t = compaction_table(SimpleNamespace(summary=summary, variants=variants, comparisons=comparisons)).set_index("variant")
+    assert t.loc["single_head", "significant losses vs previous"] == "e · auroc (-0.100, q=0.01)"
+    assert t.loc["single_head", "significant losses vs reference"] == "e · auroc (-0.100, q=0.01)"
+    assert t.loc["rank8", "significant losses vs previous"] == "none"
+    assert t.loc["rank8", "significant losses vs reference"] == "e · auroc (-0.200, q=0.01)"
+    assert t.loc["reference", "significant losses vs reference"] == "none"

@@ -442,7 +442,9 @@ def compaction_table(res: CompressResult) -> pd.DataFrame:
     t = res.variants.set_index("variant")[["operator", "file_bytes", "operator_bytes", "operator_values"]].join(wide)
     c = res.comparisons
     for step in ("previous", "reference"):
-        lost = c[c.significant_loss & (c.step == step)] if len(c) else c
+        # the single head's previous step IS the reference: that one test answers both columns
+        lost = (c[c.significant_loss & ((c.step == "previous") if step == "previous" else (c.against == "reference"))]
+                if len(c) else c)
         t[f"significant losses vs {step}"] = [", ".join(f"{r.endpoint} · {r.metric} ({r.mean_diff:+.3f}, q={r.q:.2g})"
                                                         for r in lost[lost.variant == v].itertuples()) or "none"
                                               for v in t.index]

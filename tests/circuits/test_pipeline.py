@@ -89,6 +89,9 @@ def test_sae_atlas_on_the_default_scgpt_model(tmp_path):
     s = atlas.summary()
     assert list(s.layer) == [0] and s.loc[0, "l0"] == pytest.approx(8.0, abs=0.01)
     assert 0 < s.loc[0, "live_features"] <= 256
+    t = atlas.tables[0]
+    assert s.loc[0, "by_tokens"] == int((t.interpretable & (t.label_from == "tokens")).sum())
+    assert s.loc[0, "by_tokens"] + s.loc[0, "by_context"] == s.loc[0, "interpretable"]
     paths = atlas.save(tmp_path)
     page = paths["html"].read_text()
     assert "filter" in page and "Layer 0" in page

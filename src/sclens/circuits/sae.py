@@ -42,7 +42,11 @@ class SAEAtlas:
             rows.append({"layer": l, "d_sae": self.saes[l].d_sae, "l0": m["l0"], "fvu": m["fvu"],
                          "dead_fraction": m["dead_fraction"], "live_features": len(t),
                          "interpretable": int(t["interpretable"].sum()) if len(t) else 0,
-                         "interpretable_fraction": float(t["interpretable"].mean()) if len(t) else float("nan")})
+                         "interpretable_fraction": float(t["interpretable"].mean()) if len(t) else float("nan"),
+                         # which gene list made the call: the feature's own top genes (it reads a gene) or the
+                         # genes its top cells share (it fires in one kind of cell)
+                         **{f"by_{src}": int((t["interpretable"] & (t["label_from"] == src)).sum())
+                            if len(t) and "label_from" in t else 0 for src in ("tokens", "context")}})
         return pd.DataFrame(rows)
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
