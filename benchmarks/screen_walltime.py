@@ -31,8 +31,8 @@ def main() -> None:
     ap.add_argument("--max-units", type=int, default=None,
                     help="Screen only the first N units (to measure per-hypothesis cost of slow fitters).")
     ap.add_argument("--tag", default="", help="Suffix of the result file name.")
+    ap.add_argument("--exact", action="store_true", help="the earlier evaluation path (screen(exact=True))")
     args = ap.parse_args()
-    import numpy as np
     import torch
 
     torch.set_num_threads(2)
@@ -66,13 +66,14 @@ def main() -> None:
     if args.max_units:
         units = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)][: args.max_units]
     rep = screen(banks, anchors, fitters=args.fitters.split(","), n_jobs=args.n_jobs, progress=True, units=units,
-                 include_drift=units is None, include_raw=units is None)
+                 include_drift=units is None, include_raw=units is None, exact=args.exact)
     phases["screen_s"] = time.perf_counter() - t
     per_fitter = rep.table.groupby("fitter")["seconds"].agg(["mean", "sum", "count"]).to_dict(orient="index")
     result = {
         "case": args.case, "synthetic": True, "units": model.n_layers * model.n_heads, "kinds": args.kinds.split(","),
         "fitters": args.fitters.split(","), "panel_genes": len(panel), "anchors": len(anchors),
         "n_hypotheses": len(rep.table), "n_jobs": args.n_jobs, "phases": phases, "max_units": args.max_units,
+        "exact": args.exact,
         "total_s": sum(phases.values()), "seconds_per_hypothesis_by_fitter (both rulers, one core)": per_fitter,
         "n_passing": int(rep.table["passes_all"].sum()),
         "top": rep.table.head(3)[["featurisation", "layer", "head", "fitter", "ruler_spearman_resid",

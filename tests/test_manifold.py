@@ -73,3 +73,25 @@ def test_permutation_p_add_one_rule_and_blocks():
     # a constant-within-block labelling cannot be permuted into anything else: p = 1
     p3, _ = blocked_permutation_p(D, sidx, stage_ruler, np.arange(30), n_perm=50)
     assert p3 == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_permutation_p_stage_level_path_equals_the_pair_path(case):
+    """The default (stage-level matrix product) and the exact (pair gathering) statistic agree on every
+    permutation: same p and same number of permutations run, also with tied ruler values, stages absent from
+    the anchors, singleton blocks and relabellings that only swap anchors of one stage."""
+    rng = np.random.default_rng(case)
+    S = int(rng.integers(3, 9))
+    stage_ruler = rng.integers(0, 4, size=(S, S)).astype(float)  # many tied values
+    stage_ruler = np.triu(stage_ruler, 1) + np.triu(stage_ruler, 1).T
+    A = int(rng.integers(8, 40))
+    sidx = rng.integers(0, S - 1, size=A)  # the last stage never occurs
+    blocks = rng.integers(0, int(rng.integers(1, 6)), size=A)
+    blocks[0] = 99  # a singleton block
+    signal = stage_ruler[np.ix_(sidx, sidx)] * (case % 2)
+    D = signal + pdist(rng.normal(size=(A, 2)))
+    for n_perm, stop in ((300, 20), (1000, 10**9)):
+        fast = blocked_permutation_p(D, sidx, stage_ruler, blocks, n_perm=n_perm, seed=case, stop_after=stop)
+        exact = blocked_permutation_p(D, sidx, stage_ruler, blocks, n_perm=n_perm, seed=case, stop_after=stop,
+                                      exact=True)
+        assert fast == exact

@@ -201,3 +201,43 @@ def test_degenerate_featurisations_are_named(bad, reason):
 
     assert reason in degenerate_reason(bad, 6)
     assert degenerate_reason(np.random.default_rng(0).normal(size=(12, 5)), 6) is None
+
+
+GATE_COLUMNS = ("passes_gates", "null_passes", "passes_published", "passes_all")
+
+
+def _same_gates_and_ranking(fast, exact):
+    key = ["featurisation", "layer", "head", "fitter"]
+    f, e = fast.table.set_index(key).sort_index(), exact.table.set_index(key).sort_index()
+    gates = [c for c in e.columns if c.startswith(("gate_", "null_gate_"))] + list(GATE_COLUMNS)
+    pd.testing.assert_frame_equal(f[gates], e[gates])
+    pd.testing.assert_series_equal(f["perm_p"], e["perm_p"])
+    passing = lambda r: list(r.table.loc[r.table["passes_all"], key].itertuples(index=False))  # noqa: E731
+    assert passing(fast) == passing(exact)
+
+
+def test_fast_path_gives_the_exact_paths_gates_and_ranking_on_the_planted_fixture(tmp_path, cells):
+    """The default evaluation (stage-level permutation statistic, LET's holdout fit reused) against --exact."""
+    model = load_scgpt(build_planted_checkpoint(tmp_path / "m", planted=True))
+    panel = GenePanel(tuple(gene_names()))
+    banks = export_operators(model, cells, panel, kinds=["ov"], n_ref_cells=16, progress=False)
+    anchors = build_anchors(cells, panel, label_key="cell_type", donor_key="donor")
+    units = [PLANTED, (0, 0), (1, 1)]  # the planted unit and two others (+ drift and raw)
+    fast, exact = (screen(banks, anchors, units=units, let_epochs=50, progress=False, exact=x) for x in (False, True))
+    assert fast.table["passes_all"].any()  # the comparison covers a passing hypothesis
+    _same_gates_and_ranking(fast, exact)
+
+
+def test_fast_path_gives_the_exact_paths_gates_and_ranking_on_the_default_model(tmp_path):
+    from sclens.data import select_panel
+    from sclens.datasets import simulate_hematopoiesis
+    from sclens.models import load_default_model
+
+    model = load_default_model()
+    sim = simulate_hematopoiesis(n_donors=4, cells_per_donor=150, seed=0, vocabulary=model.vocab.genes)
+    panel = select_panel(sim, model.vocab.genes, n_genes=120)
+    banks = export_operators(model, sim, panel, kinds=["ov"], n_ref_cells=16, progress=False)
+    anchors = build_anchors(sim, panel, label_key="cell_type", donor_key="donor", tissue_key="tissue")
+    units = [(0, 0), (2, 3), (5, 7)]
+    fast, exact = (screen(banks, anchors, units=units, let_epochs=40, progress=False, exact=x) for x in (False, True))
+    _same_gates_and_ranking(fast, exact)

@@ -185,10 +185,11 @@ def _rows(cache_file: Path | None, key: str, F_args: tuple, fitters, base: dict,
     return rows
 
 
-def _evaluate_both(F, fitter, *, anchors, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs) -> dict:
+def _evaluate_both(F, fitter, *, anchors, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs,
+                   exact=False) -> dict:
     res, _ = evaluate(F, anchors, fitter, rulers={"ruler": (ruler, anchors.dag.ruler_matrix),
                                                   "null": (null_ruler, null_stage_ruler)},
-                      d=d, k=k, n_perm=gates["n_permutations"], seed=seed, let_epochs=let_epochs)
+                      d=d, k=k, n_perm=gates["n_permutations"], seed=seed, let_epochs=let_epochs, exact=exact)
     pos, neg = res["ruler"], res["null"]
     out = {"d": pos.pop("latent_dim"), **pos}
     out.update({f"null_{k2}": v for k2, v in neg.items() if k2 != "latent_dim"})
@@ -200,11 +201,13 @@ def _control_value(F, fitter, *, anchors, metrics, ruler, d, k, seed, let_epochs
                                        let_epochs=let_epochs)}
 
 
-def _run_job(job, anchors, bank, fitters, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs, cache_dir, key):
+def _run_job(job, anchors, bank, fitters, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs, cache_dir,
+             key, exact=False):
     feat, layer, head = job
     cache_file = Path(cache_dir) / f"{feat.replace(':', '-')}_{layer}_{head}.json" if cache_dir else None
     fit_one = partial(_evaluate_both, anchors=anchors, ruler=ruler, null_ruler=null_ruler,
-                      null_stage_ruler=null_stage_ruler, gates=gates, d=d, k=k, seed=seed, let_epochs=let_epochs)
+                      null_stage_ruler=null_stage_ruler, gates=gates, d=d, k=k, seed=seed, let_epochs=let_epochs,
+                      exact=exact)
     base = {"featurisation": feat, "layer": layer, "head": head}
     rows = _rows(cache_file, key, (anchors, feat, bank, layer, head), fitters, base, fit_one)
     # keep the table's column order: identity, fitter, d, metrics
@@ -283,7 +286,7 @@ def screen(
     units: Iterable[tuple[int, int]] | None = None, include_drift: bool = True, include_raw: bool = True, d: int = 10,
     k: int = 15, gates_path: str | Path | None = None, seed: int = 0, null_seed: int = 0, n_jobs: int = 1,
     cache_dir: str | Path | None = None, let_epochs: int = 150, progress: bool = True,
-    controls: Sequence[OperatorBank | dict[str, OperatorBank]] | None = None,
+    controls: Sequence[OperatorBank | dict[str, OperatorBank]] | None = None, exact: bool = False,
 ) -> ScreenReport:
     """Run the hypothesis search and return the ranked, gated table (see the module docstring).
 
@@ -304,6 +307,9 @@ def screen(
         Gate file (default: the shipped pre-registered gates) and the fitters' settings.
     n_jobs, cache_dir, progress
         joblib workers over featurisations; a folder that makes an interrupted screen resume; a progress bar.
+    exact
+        Use the earlier evaluation path (pair-level permutation statistic; LET's random-holdout fit made twice)
+        to check the default one, which gives the same permutations and fits (docs/screen.md, "Speed").
 
     Returns
     -------
@@ -344,6 +350,7 @@ def screen(
         jobs.append(("raw", -1, -1))
     control_jobs = [(feat, l, h, ci) for ci, c in enumerate(controls) for (feat, l, h) in _feature_jobs(c, units, include_drift)[0]]
     config = {"fitters": fitters, "d": d, "k": k, "seed": seed, "null_seed": null_seed, "let_epochs": let_epochs,
+              "exact": bool(exact),
               "n_jobs": n_jobs, "anchors_sha256": array_sha256(anchors.X, anchors.obs["stage"].to_numpy()),
               "banks": {kind: {"shape": list(b.operators.shape), "model_sha256": b.manifest.get("model_sha256"),
                                "reference_set_sha256": b.manifest.get("reference_set_sha256")} for kind, b in banks.items()},
@@ -363,7 +370,7 @@ def screen(
     cdir = str(cache_dir) if cache_dir else None
     args = (fitters, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs, cdir, key)
     cargs = (fitters, learned["metric"], ruler, d, k, seed, let_epochs, cdir, key)
-    calls = ([delayed(_run_job)(j, anchors, bank_for(j[0]), *args) for j in jobs]
+    calls = ([delayed(_run_job)(j, anchors, bank_for(j[0]), *args, exact=exact) for j in jobs]
              + [delayed(_run_control_job)(j, anchors, bank_for(j[0], j[3]), *cargs) for j in control_jobs])
     bar = dict(total=len(calls), desc="screening" + (f" (+ {len(controls)} random-weights copies)" if controls else ""),
                unit="featurisation", disable=not progress)

@@ -259,6 +259,8 @@ def screen_cmd(
                                          "(default: the one recorded in the operators' manifest)."),
     device: str = typer.Option("auto", help="Where the random-weights copies' operators are exported: auto (CUDA "
                                             "when present), cpu, cuda or cuda:N."),
+    exact: bool = typer.Option(False, "--exact", help="The earlier evaluation path (pair-level permutation "
+                                                      "statistic), to check the default one."),
 ) -> None:
     """Screen every unit x featurisation x fitter against the developmental ruler, under the gates."""
     from ..anchors import build_anchors
@@ -285,7 +287,8 @@ def screen_cmd(
                                           n_ref_cells=int(manifest.get("n_reference_cells", 256)),
                                           seed=int(manifest.get("seed", 0)), layer=layer)
     rep = screen(banks, anchors, fitters=split_list(fitters), gates_path=gates, seed=seed, n_jobs=n_jobs,
-                 cache_dir=out / "cache", include_drift=not no_drift, include_raw=not no_raw, controls=controls)
+                 cache_dir=out / "cache", include_drift=not no_drift, include_raw=not no_raw, controls=controls,
+                 exact=exact)
     rep.save(out, anchors, banks)
     t = rep.top
     lg = rep.info["learned_gate"]
