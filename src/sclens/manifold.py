@@ -289,11 +289,13 @@ def blocked_permutation_p(D: np.ndarray, stage_idx: np.ndarray, stage_ruler: np.
     if exact:
         obs = float(a @ ranks[iu])
     else:
-        # midranks depend only on the ruler value, so they are a function of the stage pair
-        S = int(stage_ruler.shape[0])
+        # midranks depend only on the ruler value, so they are a function of the stage pair; only the stages
+        # the anchors hold can occur in a relabelling (the DAG may have many more)
+        _, lab = np.unique(stage_idx, return_inverse=True)
+        S = int(lab.max()) + 1
         rv = np.zeros((S, S))
-        rv[stage_idx[iu[0]], stage_idx[iu[1]]] = ranks[iu]
-        rv[stage_idx[iu[1]], stage_idx[iu[0]]] = ranks[iu]
+        rv[lab[iu[0]], lab[iu[1]]] = ranks[iu]
+        rv[lab[iu[1]], lab[iu[0]]] = ranks[iu]
         Amat = np.zeros((A, A))
         Amat[iu] = a
         Amat = Amat + Amat.T
@@ -305,7 +307,7 @@ def blocked_permutation_p(D: np.ndarray, stage_idx: np.ndarray, stage_ruler: np.
             mixed = (Amat @ onehot.reshape(A, m * S)).reshape(A, m, S)
             return 0.5 * np.einsum("ams,ams->m", rv[labels.T], mixed)
 
-        obs = float(score(stage_idx[None, :])[0])
+        obs = float(score(lab[None, :])[0])
         # ties (relabellings that only swap anchors of one stage) must count whatever the summation order
         tol = 1e-9 * max(1.0, float(np.abs(a).sum() * np.abs(rv).max()))
     rng = np.random.default_rng(seed)
@@ -321,7 +323,7 @@ def blocked_permutation_p(D: np.ndarray, stage_idx: np.ndarray, stage_ruler: np.
             vals = np.einsum("pk,k->p", ranks[perms[:, iu[0]], perms[:, iu[1]]], a)
             exceed += int((vals >= obs - 1e-9).sum())
         else:
-            exceed += int((score(stage_idx[perms]) >= obs - tol).sum())
+            exceed += int((score(lab[perms]) >= obs - tol).sum())
         done += m
         if exceed >= stop_after:
             return exceed / done, done
