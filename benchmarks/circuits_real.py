@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,23 +49,23 @@ def main() -> None:
         print(paths["report_md"].read_text())
         print(f"circuits: {time.perf_counter() - t0:.0f} s")
     if not args.skip_sae:
+        sae_config = TranscoderConfig(kind="topk", expansion=4, k=16, epochs=4, max_tokens=100_000)
         t0 = time.perf_counter()
-        atlas = train_sae_atlas(adata, "sorted_population", config=TranscoderConfig(kind="topk", expansion=4, k=16,
-                                                                                     epochs=4, max_tokens=100_000))
+        atlas = train_sae_atlas(adata, "sorted_population", config=sae_config)
         apaths = atlas.save(args.out)
         _write_summary(atlas, args.out / "sae_atlas_summary.txt", f"SAE atlas: {time.perf_counter() - t0:.0f} s")
         print(f"SAE atlas: {time.perf_counter() - t0:.0f} s -> {apaths['html']}")
+        from sclens.circuits.sae import atlas_html
         from sclens.models import load_default_model
         from sclens.models.controls import randomize
+        from sclens.utils import atomic_write
 
         for seed in range(args.sae_random_control):
             t0 = time.perf_counter()
             ctl = train_sae_atlas(adata, "sorted_population", model=randomize(load_default_model(), seed),
-                                  config=TranscoderConfig(kind="topk", expansion=4, k=16, epochs=4,
-                                                          max_tokens=100_000))
-            with tempfile.TemporaryDirectory() as tmp:
-                cpaths = ctl.save(tmp)
-                shutil.copy(cpaths["html"], args.out / f"sae_atlas_random_weights{seed}.html")
+                                  config=sae_config)
+            page = atlas_html(ctl)  # the page only: the control's weights are not kept
+            atomic_write(args.out / f"sae_atlas_random_weights{seed}.html", lambda p: Path(p).write_text(page))
             _write_summary(ctl, args.out / f"sae_atlas_random_weights{seed}_summary.txt",
                            f"SAE atlas of a random-weights copy of the default model (randomize seed {seed}): "
                            f"{time.perf_counter() - t0:.0f} s")

@@ -282,20 +282,20 @@ def blocked_permutation_p(D: np.ndarray, stage_idx: np.ndarray, stage_ruler: np.
     iu = np.triu_indices(A, k=1)
     a = rankdata(D[iu])
     a = (a - a.mean()) / (a.std() or 1.0)
-    Rfull = stage_ruler[np.ix_(stage_idx, stage_idx)]
-    ranks = np.zeros((A, A))
-    ranks[iu] = rankdata(Rfull[iu])
-    ranks = ranks + ranks.T
+    r = rankdata(stage_ruler[np.ix_(stage_idx, stage_idx)][iu])  # ruler ranks of the anchor pairs
     if exact:
-        obs = float(a @ ranks[iu])
+        ranks = np.zeros((A, A))
+        ranks[iu] = r
+        ranks = ranks + ranks.T
+        obs = float(a @ r)
     else:
         # midranks depend only on the ruler value, so they are a function of the stage pair; only the stages
         # the anchors hold can occur in a relabelling (the DAG may have many more)
         _, lab = np.unique(stage_idx, return_inverse=True)
         S = int(lab.max()) + 1
         rv = np.zeros((S, S))
-        rv[lab[iu[0]], lab[iu[1]]] = ranks[iu]
-        rv[lab[iu[1]], lab[iu[0]]] = ranks[iu]
+        rv[lab[iu[0]], lab[iu[1]]] = r
+        rv[lab[iu[1]], lab[iu[0]]] = r
         Amat = np.zeros((A, A))
         Amat[iu] = a
         Amat = Amat + Amat.T
