@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 
-from sclens.manifold import (blocked_permutation_p, fit_manifold, knn_geodesic, pdist, residualized_spearman,
-                             spearman_pairs, trustworthiness, twonn_dimension)
+from sclens.errors import InputError
+from sclens.manifold import (LETModel, PermutationDesign, blocked_permutation_p, fit_manifold, knn_geodesic, pdist,
+                             residualized_spearman, spearman_pairs, standardised_pair_ranks, trustworthiness,
+                             twonn_dimension)
 
 
 def test_spearman_pairs_known_values():
@@ -95,3 +97,34 @@ def test_permutation_p_stage_level_path_equals_the_pair_path(case):
         exact = blocked_permutation_p(D, sidx, stage_ruler, blocks, n_perm=n_perm, seed=case, stop_after=stop,
                                       exact=True)
         assert fast == exact
+        # the batched design (the screen's default path) gives the same, several latents at once
+        design = PermutationDesign(sidx, stage_ruler, blocks, n_perm=n_perm, seed=case, stop_after=stop)
+        batch = design.p_values(np.stack([standardised_pair_ranks(D), standardised_pair_ranks(D[::-1, ::-1])]))
+        assert batch[0] == exact
+        assert batch[1] == blocked_permutation_p(D[::-1, ::-1], sidx, stage_ruler, blocks, n_perm=n_perm, seed=case,
+                                                 stop_after=stop, exact=True)
+
+
+def test_permutation_design_rejects_a_latent_of_another_size():
+    design = PermutationDesign(np.arange(6) % 3, np.ones((3, 3)), np.zeros(6), n_perm=10)
+    with pytest.raises(InputError, match="anchor pairs"):
+        design.p_values(np.zeros((1, 14)))
+
+
+@pytest.mark.parametrize("n", [40, 120])
+def test_fused_let_follows_the_autograd_fit(n):
+    """The fused gradient is the same objective and optimiser: the fits agree (closely; Adam magnifies rounding in
+    coordinates whose gradient is near zero, more so on small problems)."""
+    rng = np.random.default_rng(n)
+    t = np.sort(rng.uniform(0, 3, n))
+    X = np.c_[np.cos(t), np.sin(t), t, rng.normal(size=(n, 20)) * 0.3]
+    X = (X - X.mean(0)) / X.std(0)
+    R = np.abs(t[:, None] - t[None, :])
+    a = LETModel(d=4, epochs=120).fit(X, R)
+    f = LETModel(d=4, epochs=120, engine="fused").fit(X, R)
+    assert abs(a.final_fit_loss - f.final_fit_loss) <= 1e-3 * max(1.0, a.final_fit_loss)
+    assert abs(a.beta - f.beta) <= 1e-3 * a.beta
+    Za, Zf = a.transform(X), f.transform(X)
+    assert spearman_pairs(a.angular_distances(Za), f.angular_distances(Zf)) > 0.999
+    with pytest.raises(InputError, match="engine"):
+        LETModel(engine="jit")

@@ -203,17 +203,39 @@ def test_degenerate_featurisations_are_named(bad, reason):
     assert degenerate_reason(np.random.default_rng(0).normal(size=(12, 5)), 6) is None
 
 
-GATE_COLUMNS = ("passes_gates", "null_passes", "passes_published", "passes_all")
-
-
 def _same_gates_and_ranking(fast, exact):
+    """Every gate the fast path evaluated agrees with --exact; the ones it skipped follow a gate of the same ruler that
+    failed on both paths; pass/fail, the permutation p-values (BH's input) and the passing ranking are the same."""
     key = ["featurisation", "layer", "head", "fitter"]
     f, e = fast.table.set_index(key).sort_index(), exact.table.set_index(key).sort_index()
-    gates = [c for c in e.columns if c.startswith(("gate_", "null_gate_"))] + list(GATE_COLUMNS)
-    pd.testing.assert_frame_equal(f[gates], e[gates])
+    assert f.index.equals(e.index)
+    for c in ["passes_gates", "passes_published", "passes_all", "gate_bh", "gate_learned"]:
+        assert (f[c].astype("boolean").fillna(False) == e[c].astype("boolean").fillna(False)).all(), c
+    null_done = f["null_passes"].notna()  # NA: the null was not evaluated (its true ruler failed)
+    assert (f.loc[null_done, "null_passes"].astype(bool) == e.loc[null_done, "null_passes"]).all()
+    for prefix in ("", "null_"):
+        gates = [c for c in e.columns if c.startswith(prefix + "gate_") and c != "gate_bh" and c != "gate_learned"]
+        skipped = f[gates].isna()
+        evaluated = ~skipped
+        for c in gates:
+            assert (f.loc[evaluated[c], c].astype(bool) == e.loc[evaluated[c], c].astype(bool)).all(), c
+        stopped = skipped.any(axis=1)
+        if prefix == "null_":  # a null not evaluated at all: its true ruler failed (on both paths)
+            absent = f["null_stopped_at"] == "not evaluated"
+            assert skipped[absent].all(axis=None) and not e.loc[absent, "passes_gates"].any()
+            stopped &= ~absent
+        # a row with skipped gates failed an evaluated one on both paths
+        assert not (f.loc[stopped, gates].astype("boolean").fillna(True).all(axis=1)).any()
+        assert not (e.loc[stopped, gates].astype(bool).all(axis=1)).any()
     pd.testing.assert_series_equal(f["perm_p"], e["perm_p"])
+    done = f["null_perm_p"].notna()
+    pd.testing.assert_series_equal(f.loc[done, "null_perm_p"], e.loc[done, "null_perm_p"])
+    free = f.index.get_level_values("fitter") != "let"  # LET's fused gradient rounds differently
+    pd.testing.assert_series_equal(f.loc[free, "ruler_spearman_resid"], e.loc[free, "ruler_spearman_resid"])
+    np.testing.assert_allclose(f["ruler_spearman_resid"], e["ruler_spearman_resid"], atol=0.02)
     passing = lambda r: list(r.table.loc[r.table["passes_all"], key].itertuples(index=False))  # noqa: E731
     assert passing(fast) == passing(exact)
+    return f
 
 
 def test_fast_path_gives_the_exact_paths_gates_and_ranking_on_the_planted_fixture(tmp_path, cells):
@@ -225,7 +247,10 @@ def test_fast_path_gives_the_exact_paths_gates_and_ranking_on_the_planted_fixtur
     units = [PLANTED, (0, 0), (1, 1)]  # the planted unit and two others (+ drift and raw)
     fast, exact = (screen(banks, anchors, units=units, let_epochs=50, progress=False, exact=x) for x in (False, True))
     assert fast.table["passes_all"].any()  # the comparison covers a passing hypothesis
-    _same_gates_and_ranking(fast, exact)
+    f = _same_gates_and_ranking(fast, exact)
+    # ... and both kinds of row: evaluated in full (null too) and stopped early
+    assert (f["stopped_at"] == "").any() and (f["stopped_at"] != "").any()
+    assert (f["null_stopped_at"] != "not evaluated").any()
 
 
 def test_fast_path_gives_the_exact_paths_gates_and_ranking_on_the_default_model(tmp_path):

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from . import __version__
 from .utils import array_sha256, package_versions, write_json
@@ -250,7 +251,8 @@ def run_demo(out_dir: str | Path = "sclens_demo", *, quick: bool = False, seed: 
               f"{lg['n_passing_learned']} beat the raw panel and {n_copies} random-weights copies (learned gate); "
               f"{int(rep.table['passes_all'].sum())} pass every gate. "
               f"Top: {top['featurisation']}{unit} {top['fitter']} (resid. Spearman {top['ruler_spearman_resid']:.3f}, "
-              f"branch holdout {top['holdout_branch']:.3f}, null passes: {bool(top['null_passes'])})")
+              f"branch holdout {top['holdout_branch']:.3f}, null passes: "
+              f"{'not evaluated' if pd.isna(top['null_passes']) else bool(top['null_passes'])})")
     report["timings_s"]["screen"] = time.perf_counter() - t
 
     # 6. extraction ---------------------------------------------------------------------------

@@ -20,12 +20,13 @@ stop for clear failures), and intrinsic dimension (TwoNN, plus the LET score-ver
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse.csgraph import connected_components, shortest_path
 from scipy.stats import rankdata, spearmanr
-from sklearn.manifold import Isomap, smacof, trustworthiness as _sk_trustworthiness
+from sklearn.manifold import smacof, trustworthiness as _sk_trustworthiness
 from sklearn.neighbors import NearestNeighbors, kneighbors_graph
 
 from .errors import InputError
@@ -85,16 +86,58 @@ def trustworthiness(F: np.ndarray, Z: np.ndarray, k: int = 15) -> float:
     return float(_sk_trustworthiness(F, Z, n_neighbors=k))
 
 
-def knn_geodesic(F: np.ndarray, k: int = 15) -> tuple[np.ndarray, int]:
-    """Shortest-path distances on the symmetric kNN graph; k grows until the graph is connected."""
+def _cache_key(tag: str, X: np.ndarray, *extra) -> tuple:
+    X = np.ascontiguousarray(X)
+    return (tag, X.shape, *extra, hashlib.blake2b(X.view(np.uint8), digest_size=16).hexdigest())
+
+
+def knn_geodesic(F: np.ndarray, k: int = 15, cache: dict | None = None) -> tuple[np.ndarray, int]:
+    """Shortest-path distances on the symmetric kNN graph; k grows until the graph is connected.
+
+    ``cache`` (a dict) keeps the result per (features, k): the ruler-free fitters of one featurisation fit the same
+    anchors (the full set and each holdout's training anchors), so they share each graph."""
+    key = None
+    if cache is not None:
+        key = _cache_key("knn_geodesic", F, k)
+        if key in cache:
+            return cache[key]
     n = len(F)
     k = max(1, min(k, n - 1))
     while True:
         G = kneighbors_graph(F, k, mode="distance")
         G = G.maximum(G.T)
         if connected_components(G, directed=False)[0] == 1 or k >= n - 1:
-            return shortest_path(G, directed=False), k
+            out = shortest_path(G, directed=False), k
+            break
         k = min(n - 1, k * 2)
+    if key is not None:
+        cache[key] = out
+    return out
+
+
+class GeodesicIsomap:
+    """scikit-learn's Isomap on precomputed kNN shortest paths (:func:`knn_geodesic`): the embedding is the kernel PCA
+    of -0.5 x the squared geodesics (``KernelPCA(kernel="precomputed")`` with Isomap's settings), and new points reach
+    the training graph through their k nearest training anchors, as ``Isomap.transform`` does. Given the same graph it
+    gives Isomap's numbers without building the graph a second time."""
+
+    def __init__(self, n_neighbors: int, n_components: int):
+        self.n_neighbors, self.n_components = n_neighbors, n_components
+
+    def fit(self, X: np.ndarray, geodesic: np.ndarray) -> "GeodesicIsomap":
+        from sklearn.decomposition import KernelPCA
+
+        self.nbrs_ = NearestNeighbors(n_neighbors=self.n_neighbors).fit(X)
+        self.dist_matrix_ = geodesic
+        self.kernel_pca_ = KernelPCA(n_components=self.n_components, kernel="precomputed", eigen_solver="auto",
+                                     tol=0, max_iter=None)
+        self.embedding_ = self.kernel_pca_.fit_transform(-0.5 * geodesic**2)
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        dist, idx = self.nbrs_.kneighbors(X, return_distance=True)
+        G_X = np.min(self.dist_matrix_[idx] + dist[:, :, None], axis=1)
+        return self.kernel_pca_.transform(-0.5 * G_X**2)
 
 
 def twonn_dimension(F: np.ndarray) -> float:
@@ -135,19 +178,28 @@ class FittedManifold:
 class LETModel:
     """Latent embedding transfer (torch): linear encoder with tied-weight reconstruction and angular ruler fit."""
 
-    def __init__(self, d: int = 10, alpha: float = 0.1, epochs: int = 150, lr: float = 1e-2, seed: int = 0):
-        self.d, self.alpha, self.epochs, self.lr, self.seed = d, alpha, epochs, lr, seed
+    def __init__(self, d: int = 10, alpha: float = 0.1, epochs: int = 150, lr: float = 1e-2, seed: int = 0,
+                 engine: str = "autograd"):
+        if engine not in ("autograd", "fused"):
+            raise InputError(f"LET engine must be 'autograd' or 'fused', got {engine!r}")
+        self.d, self.alpha, self.epochs, self.lr, self.seed, self.engine = d, alpha, epochs, lr, seed, engine
 
-    def fit(self, X: np.ndarray, R: np.ndarray) -> "LETModel":
+    def fit(self, X: np.ndarray, R: np.ndarray, cache: dict | None = None) -> "LETModel":
         import torch
 
         # The objective only sees X through its row space: rotate onto it (rank <= anchors - 1) so that each
         # step costs O(anchors^2) instead of O(anchors x genes). The reconstruction error is a sum over genes
         # divided by G, which the rotation preserves exactly (the discarded directions carry zero variance).
         G = X.shape[1]
-        _, S, Vt = np.linalg.svd(X, full_matrices=False)
-        keep = S > S[0] * 1e-7 if len(S) else S > 0
-        self.V = Vt[keep]  # [k, G]
+        key = _cache_key("let_basis", X) if cache is not None else None
+        if key is not None and key in cache:  # e.g. the null ruler's fit of the same anchors
+            self.V = cache[key]
+        else:
+            _, S, Vt = np.linalg.svd(X, full_matrices=False)
+            keep = S > S[0] * 1e-7 if len(S) else S > 0
+            self.V = Vt[keep]  # [k, G]
+            if key is not None:
+                cache[key] = self.V
         Xr = X @ self.V.T
         g = torch.Generator().manual_seed(self.seed)
         Xt = torch.as_tensor(Xr, dtype=torch.float32)
@@ -157,6 +209,8 @@ class LETModel:
         W = torch.nn.Parameter(torch.randn(self.d, k, generator=g) / np.sqrt(k))
         b = torch.nn.Parameter(torch.zeros(k))
         log_beta = torch.nn.Parameter(torch.tensor(float(np.log(max(float(R.max()), 1e-3) / (np.pi / 2)))))
+        if self.engine == "fused":
+            return self._fit_fused(Xt, target, mask, W.detach(), b.detach(), log_beta.detach(), G)
         opt = torch.optim.Adam([W, b, log_beta], lr=self.lr)
         n_pairs = mask.sum()
         for _ in range(self.epochs):
@@ -174,6 +228,64 @@ class LETModel:
         self.final_fit_loss = float(fit.detach())
         return self
 
+    def _fit_fused(self, Xt, target, mask, W, b, log_beta, G: int) -> "LETModel":
+        """The same objective, initialisation and Adam steps (torch's update formula) with the gradient written out:
+        about a third of the passes over the anchors x anchors matrices that autograd makes. Float rounding differs
+        from the autograd path, and Adam can magnify it in coordinates whose gradient is near zero: fits agree to
+        ~1e-6 on well-conditioned problems, to ~1e-2 in the weights on small ones (tests/test_manifold.py)."""
+        import torch
+
+        n = Xt.shape[0]
+        # both triangles (off the diagonal), each pair counted twice: one product gives the gradient of zn
+        n_pairs = float(mask.sum())
+        upper_T = target * mask
+        neg_T = -(upper_T + upper_T.T)
+        maskf = (mask | mask.T).to(torch.float32)
+        ones = torch.ones(n, n)
+        col_sum = Xt.sum(0)
+        c_rec = 2 * self.alpha / (n * G)
+        eye = torch.eye(W.shape[0])
+        hi = 1 - 1e-6
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        params = [W, b, log_beta]
+        m1 = [torch.zeros_like(p) for p in params]
+        m2 = [torch.zeros_like(p) for p in params]
+        fit = torch.tensor(float("nan"))
+        for t in range(1, self.epochs + 1):
+            # z = (x - b) W^T without forming x - b (its [anchors, rank] passes cost as much as the pair ones)
+            z = Xt @ W.T - W @ b
+            norm = z.norm(dim=1, keepdim=True)
+            nc = norm.clamp(min=1e-8)
+            zn = z / nc
+            C = zn @ zn.T
+            inside = C.abs().le_(hi)  # 1 where clamp(-hi, hi) passes the gradient on
+            C.clamp_(-hi, hi)
+            theta = torch.arccos(C)
+            beta = log_beta.exp()
+            E = torch.addcmul(neg_T, theta, maskf, value=float(beta))  # masked residual of the ruler fit
+            Ev = E.view(-1)
+            fit = torch.dot(Ev, Ev) / (2 * n_pairs)
+            g_log_beta = beta / n_pairs * torch.dot(Ev, theta.view(-1))
+            # d/dC of beta * arccos(C) = -beta / sqrt(1 - C^2); the constant factors are applied after the products
+            gC = torch.addcmul(ones, C, C, value=-1.0).rsqrt_().mul_(E).mul_(inside)
+            g_zn = (gC @ zn) * (-float(beta) * 2.0 / n_pairs)
+            gz = (g_zn - zn * (zn * g_zn).sum(1, keepdim=True) * (norm >= 1e-8)) / nc
+            # reconstruction ||z W - (x - b)||^2 * alpha / (n G), differentiated through z and W directly
+            gz = gz + c_rec * (z @ (W @ W.T - eye))
+            zs, gzs = z.sum(0), gz.sum(0)
+            h = gz - c_rec * z  # one product with x serves both terms of the weights' gradient
+            gW = h.T @ Xt - torch.outer(h.sum(0), b) + c_rec * ((z.T @ z) @ W)
+            gb = -(gzs @ W) + c_rec * (zs @ W - col_sum + n * b)
+            bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+            for p, g, mm, vv in zip(params, (gW, gb, g_log_beta), m1, m2):
+                mm.mul_(b1).add_(g, alpha=1 - b1)
+                vv.mul_(b2).addcmul_(g, g, value=1 - b2)
+                p.addcdiv_(mm, (vv.sqrt() / np.sqrt(bc2)).add_(eps), value=-self.lr / bc1)
+        self.W, self.b = W.numpy().copy(), b.numpy().copy()
+        self.beta = float(log_beta.exp())
+        self.final_fit_loss = float(fit)
+        return self
+
     def transform(self, X: np.ndarray) -> np.ndarray:
         return (X @ self.V.T - self.b) @ self.W.T
 
@@ -183,8 +295,11 @@ class LETModel:
 
 
 def fit_manifold(F: np.ndarray, fitter: str, *, d: int = 10, ruler: np.ndarray | None = None, k: int = 15,
-                 seed: int = 0, let_epochs: int = 150) -> FittedManifold:
-    """Fit one fitter on features F [anchors, features]; ``ruler`` is needed (only) by ``let``."""
+                 seed: int = 0, let_epochs: int = 150, let_engine: str = "autograd",
+                 fit_cache: dict | None = None) -> FittedManifold:
+    """Fit one fitter on features F [anchors, features]; ``ruler`` is needed (only) by ``let``
+    (``let_engine``: :class:`LETModel`'s ``autograd`` or ``fused`` gradient; ``fit_cache``: a dict shared by fits of
+    the same features, which reuse each kNN graph (:func:`knn_geodesic`) and LET row-space basis it holds)."""
     if fitter not in FITTERS:
         raise InputError(f"unknown fitter {fitter!r}; choose from {FITTERS}")
     n = len(F)
@@ -194,11 +309,11 @@ def fit_manifold(F: np.ndarray, fitter: str, *, d: int = 10, ruler: np.ndarray |
     X = (F - mu) / sd
     d_eff = min(d, n - 2)
     if fitter == "isomap":
-        Dg, k_used = knn_geodesic(X, k)
-        model = Isomap(n_neighbors=k_used, n_components=d_eff).fit(X)
+        Dg, k_used = knn_geodesic(X, k, fit_cache)
+        model = GeodesicIsomap(n_neighbors=k_used, n_components=d_eff).fit(X, Dg)
         return FittedManifold(fitter, model.embedding_, mu, sd, model, X, Dg)
     if fitter == "gmds":
-        Dg, _ = knn_geodesic(X, k)
+        Dg, _ = knn_geodesic(X, k, fit_cache)
         J = np.eye(n) - 1.0 / n
         Bm = -0.5 * J @ (Dg**2) @ J
         vals, vecs = np.linalg.eigh(Bm)
@@ -209,7 +324,7 @@ def fit_manifold(F: np.ndarray, fitter: str, *, d: int = 10, ruler: np.ndarray |
         return FittedManifold(fitter, Z, mu, sd, None, X, Dg)
     if ruler is None:
         raise InputError("the LET fitter needs the ruler between anchors")
-    model = LETModel(d=d_eff, seed=seed, epochs=let_epochs).fit(X, ruler)
+    model = LETModel(d=d_eff, seed=seed, epochs=let_epochs, engine=let_engine).fit(X, ruler, cache=fit_cache)
     return FittedManifold(fitter, model.transform(X), mu, sd, model, X)
 
 
@@ -227,7 +342,8 @@ def _group_folds(groups: np.ndarray, n_folds: int, seed: int) -> list[np.ndarray
 
 
 def holdout_spearman(F, rulers: dict, fitter, test_masks, *, d=10, k=15, seed=0, let_epochs=150,
-                     min_test=4, fits: dict | None = None) -> dict[str, float]:
+                     min_test=4, fits: dict | None = None, let_engine: str = "autograd",
+                     fit_cache: dict | None = None) -> dict[str, float]:
     """Per ruler: mean over folds of Spearman(latent distances among held-out anchors, their ruler).
 
     Ruler-free fitters fit each fold once and score every ruler on it; LET refits per ruler. ``fits``, when
@@ -245,7 +361,7 @@ def holdout_spearman(F, rulers: dict, fitter, test_masks, *, d=10, k=15, seed=0,
                 continue
             if fitter == "let" or shared is None:
                 m = fit_manifold(F[train], fitter, d=d, ruler=R[np.ix_(train, train)], k=k, seed=seed,
-                                 let_epochs=let_epochs)
+                                 let_epochs=let_epochs, let_engine=let_engine, fit_cache=fit_cache)
                 if fits is not None and fitter == "let":
                     fits[(i, name)] = m
                 Dt = latent_distances(m, m.transform(F[test]))
@@ -330,6 +446,93 @@ def blocked_permutation_p(D: np.ndarray, stage_idx: np.ndarray, stage_ruler: np.
     return (exceed + 1) / (done + 1), done
 
 
+def standardised_pair_ranks(D: np.ndarray) -> np.ndarray:
+    """Ranks of the upper-triangle entries of a distance matrix, standardised: the vector a permutation test scores."""
+    a = rankdata(upper(D))
+    return (a - a.mean()) / (a.std() or 1.0)
+
+
+class PermutationDesign:
+    """One blocked permutation design (anchors' stages, stage ruler, donor blocks, number of relabellings, seed),
+    drawn once and scored against many latents at once.
+
+    :func:`blocked_permutation_p` draws its relabellings from its seed, so every hypothesis of a screen that tests
+    the same anchors against the same ruler sees the same ones. The statistic is linear in the latent's
+    (standardised) distance ranks ``a``: ``stat = a . r_perm`` with ``r_perm`` the ruler ranks of the anchor pairs
+    under a relabelling. Scoring H latents therefore costs one pass over the relabellings' ``r_perm`` and one
+    [H, pairs] x [pairs, relabellings] matrix product, instead of H separate tests. The Besag-Clifford stop of
+    :func:`blocked_permutation_p` (``stop_after`` exceedances, checked after each chunk of ``chunk``) is applied
+    afterwards to each latent's sequence of statistics, so p-values and permutation counts are the same.
+    """
+
+    def __init__(self, stage_idx: np.ndarray, stage_ruler: np.ndarray, blocks, n_perm: int = 2000, seed: int = 0,
+                 stop_after: int = 20, chunk: int = 100):
+        stage_idx = np.asarray(stage_idx)
+        A = len(stage_idx)
+        self.A, self.n_perm, self.stop_after, self.chunk = A, int(n_perm), int(stop_after), int(chunk)
+        self.iu = np.triu_indices(A, k=1)
+        r = rankdata(stage_ruler[np.ix_(stage_idx, stage_idx)][self.iu])  # ruler ranks of the anchor pairs
+        # a midrank depends only on the ruler value, so it is a function of the (present) stage pair
+        _, lab = np.unique(stage_idx, return_inverse=True)
+        S = int(lab.max()) + 1 if A else 0
+        rv = np.zeros((S, S))
+        rv[lab[self.iu[0]], lab[self.iu[1]]] = r
+        rv[lab[self.iu[1]], lab[self.iu[0]]] = r
+        self.S, self.rv_flat, self.r_obs, self.lab = S, rv.ravel(), r, lab.astype(np.int64)
+        blocks = np.asarray(blocks)
+        self.n_blocks = int(len(np.unique(blocks)))
+        rng = np.random.default_rng(seed)
+        members = [np.flatnonzero(blocks == b) for b in np.unique(blocks)]
+        perms, done = [], 0
+        while done < self.n_perm:  # the same draws, chunk by chunk, as blocked_permutation_p
+            m = min(self.chunk, self.n_perm - done)
+            p = np.tile(np.arange(A), (m, 1))
+            for idx in members:
+                if len(idx) > 1:
+                    p[:, idx] = idx[rng.permuted(np.tile(np.arange(len(idx)), (m, 1)), axis=1)]
+            perms.append(p)
+            done += m
+        self.perms = np.concatenate(perms) if perms else np.zeros((0, A), np.int64)
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.r_obs)
+
+    def statistics(self, a: np.ndarray, max_bytes: float = 64e6) -> tuple[np.ndarray, np.ndarray]:
+        """Observed statistic [H] and every relabelling's [H, n_perm] for standardised pair ranks ``a`` [H, pairs]."""
+        a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+        N = self.n_pairs
+        if a.shape[1] != N:
+            raise InputError(f"the latent has {a.shape[1]} anchor pairs, the permutation design {N}")
+        out = np.empty((len(a), self.n_perm))
+        step = max(1, int(max_bytes // (16 * max(N, 1))))
+        i0, i1 = self.iu
+        for s in range(0, self.n_perm, step):
+            labp = self.lab[self.perms[s:s + step]]
+            r = self.rv_flat[labp[:, i0] * self.S + labp[:, i1]]
+            out[:, s:s + step] = a @ r.T
+        return a @ self.r_obs, out
+
+    def p_values(self, a: np.ndarray) -> list[tuple[float, int]]:
+        """``(p, permutations counted)`` per row of ``a``, as :func:`blocked_permutation_p` gives them."""
+        a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+        obs, stats = self.statistics(a)
+        # ties (relabellings that only swap anchors of one stage) must count whatever the summation order
+        tol = 1e-9 * np.maximum(1.0, np.abs(a).sum(1) * np.abs(self.rv_flat).max(initial=0.0))
+        exceed = stats >= (obs - tol)[:, None]
+        ends = np.minimum(np.arange(self.chunk, self.n_perm + self.chunk, self.chunk), self.n_perm)
+        cum = np.cumsum(exceed, axis=1)[:, ends - 1] if self.n_perm else np.zeros((len(a), 0), int)
+        out = []
+        for row in cum:
+            hit = np.flatnonzero(row >= self.stop_after)
+            if len(hit):
+                out.append((float(row[hit[0]] / ends[hit[0]]), int(ends[hit[0]])))
+            else:
+                total = int(row[-1]) if len(row) else 0
+                out.append(((total + 1) / (self.n_perm + 1), self.n_perm))
+        return out
+
+
 # ---------------------------------------------------------------------------- one hypothesis
 def random_holdout_mask(n: int, seed: int) -> np.ndarray:
     """The anchors held out by the random (20 %) holdout of :func:`evaluate` with this seed."""
@@ -360,11 +563,12 @@ def degenerate_reason(F: np.ndarray, min_distinct: int = 6) -> str | None:
 
 
 def learned_statistic(F: np.ndarray, anchors, fitter: str, metric: str, *, ruler: np.ndarray, d: int = 10,
-                      k: int = 15, seed: int = 0, let_epochs: int = 150) -> float:
+                      k: int = 15, seed: int = 0, let_epochs: int = 150, let_engine: str = "autograd",
+                      fit_cache: dict | None = None) -> float:
     """One metric of :func:`evaluate` (true ruler only), computed exactly as :func:`evaluate` computes it, for the
     random-weights controls of the ``learned`` gate: ``ruler_spearman_resid`` (one full fit) or ``holdout_random``
     (one fit on the random holdout's training anchors)."""
-    kw = dict(d=d, k=k, seed=seed, let_epochs=let_epochs)
+    kw = dict(d=d, k=k, seed=seed, let_epochs=let_epochs, let_engine=let_engine, fit_cache=fit_cache)
     if metric == "ruler_spearman_resid":
         m = fit_manifold(F, fitter, ruler=ruler, **kw)
         obs = anchors.obs
@@ -434,3 +638,134 @@ def evaluate(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, tuple[np.
         p, n_done = blocked_permutation_p(Dp, sp_, stage_R, blocks, n_perm=n_perm, seed=seed, exact=exact)
         out[name].update({"perm_p": p, "perm_n": n_done, "perm_blocks": int(len(np.unique(blocks)))})
     return out, full
+
+
+def _full_metrics(m: FittedManifold, R: np.ndarray, donors, tissues, k: int) -> dict:
+    D = latent_distances(m, m.Z)
+    res = {"trustworthiness": trustworthiness(m.train_scaled, m.Z, k), "ruler_spearman": spearman_pairs(D, R),
+           "ruler_spearman_resid": residualized_spearman(D, R, donors, tissues)}
+    if m.geodesic is not None:
+        res["geodesic_spearman"] = spearman_pairs(m.geodesic, R)
+    return res
+
+
+GATED_METRICS = ("trustworthiness", "holdout_random", "holdout_donor", "holdout_branch", "perm_p")
+
+
+def evaluate_staged(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, np.ndarray], trust_min: float,
+                    holdout_min: float, holdouts=("random", "donor", "branch"), d: int = 10, k: int = 15,
+                    seed: int = 0, let_epochs: int = 150, holdout_folds: int = 3, let_engine: str = "fused",
+                    fit_cache: dict | None = None) -> tuple[dict, dict, dict, dict]:
+    """:func:`evaluate` with the gates checked as they become known, cheapest first, and the rest skipped once one
+    fails; the permutation tests are returned for a caller to score many at once (:class:`PermutationDesign`).
+
+    ``rulers`` maps names to anchor rulers [A, A]; the first is the true ruler, the others nulls. Order: the full fit
+    (trustworthiness, the ranking statistics), the random holdout, then the donor and branch holdouts, fewest folds
+    first. A gate below its threshold (``trust_min``, ``holdout_min`` for the holdouts listed in ``holdouts``) stops
+    the true ruler's evaluation; a null is evaluated only when the true ruler passed every gate checked here (only
+    then can its result matter), in the same order with the random holdout first, and stops at its first failure.
+    The same fits, seeds and folds as :func:`evaluate`, so every value computed is the value :func:`evaluate` gives.
+
+    Returns ``(metrics, skipped, stopped, perm)``: ``metrics[name]`` as :func:`evaluate`'s; ``skipped[name]``, the
+    gated metrics not computed (``["*"]``: a null not evaluated); ``stopped[name]``, the metric whose gate failed
+    first ("" when none did); ``perm[name] = (design, a)`` with ``design`` ``"all"``
+    (every anchor; ruler-free fitters) or ``"random"`` (the random holdout's test anchors; LET) and ``a`` the
+    latent's standardised pair ranks (:func:`standardised_pair_ranks`).
+    """
+    obs = anchors.obs
+    donors, tissues, branches = obs["donor"].to_numpy(), obs["tissue"].to_numpy(), obs["branch"].to_numpy()
+    rand_test = random_holdout_mask(len(F), seed)
+    kw = dict(d=d, k=k, seed=seed, let_epochs=let_epochs, let_engine=let_engine,
+              fit_cache={} if fit_cache is None else fit_cache)
+    names = list(rulers)
+    folds = {"random": [rand_test],
+             "donor": _group_folds(donors, holdout_folds, seed) if len(np.unique(donors)) >= 2 else None,
+             "branch": [branches == b for b in np.unique(branches)] if len(np.unique(branches)) >= 2 else None}
+    gated = [h for h in ("donor", "branch") if h in holdouts]
+    later = sorted(gated, key=lambda h: len(folds[h] or [])) + [h for h in ("donor", "branch") if h not in gated]
+    out: dict[str, dict] = {name: {} for name in names}
+    skipped: dict[str, list] = {name: [] for name in names}
+    stopped: dict[str, str] = {name: "" for name in names}
+    perm: dict[str, tuple] = {}
+
+    def holdout(h, rs: dict, fits=None) -> dict[str, float]:
+        if folds[h] is None:
+            return {n: float("nan") for n in rs}
+        return holdout_spearman(F, rs, fitter, folds[h], fits=fits, **kw)
+
+    def fails(metric: str, value: float, name: str) -> bool:
+        if metric == "trustworthiness":
+            bad = not (np.isfinite(value) and value >= trust_min)
+        else:
+            bad = metric.removeprefix("holdout_") in holdouts and not (np.isfinite(value) and value >= holdout_min)
+        if bad and not stopped[name]:
+            stopped[name] = metric
+        return bad
+
+    if fitter != "let":  # one fit per fold serves every ruler: a null costs only its scores
+        m = fit_manifold(F, fitter, **kw)
+        out[names[0]].update(_full_metrics(m, rulers[names[0]], donors, tissues, k))
+        out[names[0]]["latent_dim"] = int(m.Z.shape[1])
+        a = standardised_pair_ranks(latent_distances(m, m.Z))
+        failed = fails("trustworthiness", out[names[0]]["trustworthiness"], names[0])
+        for h in ["random"] + later:
+            if failed:
+                skipped[names[0]].append(f"holdout_{h}")
+                continue
+            vals = holdout(h, rulers)
+            for name in names:
+                out[name][f"holdout_{h}"] = vals[name]
+            failed = fails(f"holdout_{h}", vals[names[0]], names[0])
+        perm[names[0]] = ("all", a)
+        for name in names[1:]:
+            if failed:
+                out[name], skipped[name] = {}, ["*"]
+            else:
+                out[name].update(_full_metrics(m, rulers[name], donors, tissues, k))
+                perm[name] = ("all", a)
+        return out, skipped, stopped, perm
+
+    def let_side(name: str, null: bool) -> bool:
+        R = rulers[name]
+        res, skip = out[name], skipped[name]
+
+        def full():
+            m = fit_manifold(F, fitter, ruler=R, **kw)
+            res.update(_full_metrics(m, R, donors, tissues, k))
+            res["latent_dim"] = int(m.Z.shape[1])
+            return fails("trustworthiness", res["trustworthiness"], name)
+
+        def random_holdout():
+            fits: dict = {}
+            res["holdout_random"] = holdout("random", {name: R}, fits)[name]
+            mt = fits.get((0, name))
+            if mt is None:  # the fold was too small or constant to score: fit it for the permutation test all the same
+                mt = fit_manifold(F[~rand_test], fitter, ruler=R[np.ix_(~rand_test, ~rand_test)], **kw)
+            perm[name] = ("random", standardised_pair_ranks(latent_distances(mt, mt.transform(F[rand_test]))))
+            return fails("holdout_random", res["holdout_random"], name)
+
+        # the full fit (ranking statistics) and the random holdout (the permutation test's latent, the learned
+        # gate's statistic) are made for the true ruler whatever the outcome; a null stops at its first failure
+        steps = ([("holdout_random", random_holdout), ("trustworthiness", full)] if null
+                 else [("trustworthiness", full), ("holdout_random", random_holdout)])
+        failed = False
+        for metric, step in steps:
+            if failed and null:
+                skip.append(metric)
+            else:
+                failed = step() or failed
+        for h in later:
+            if failed:
+                skip.append(f"holdout_{h}")
+                continue
+            res[f"holdout_{h}"] = holdout(h, {name: R})[name]
+            failed = fails(f"holdout_{h}", res[f"holdout_{h}"], name)
+        return failed
+
+    failed = let_side(names[0], null=False)
+    for name in names[1:]:
+        if failed:
+            skipped[name] = ["*"]
+        else:
+            let_side(name, null=True)
+    return out, skipped, stopped, perm

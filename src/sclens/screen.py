@@ -31,8 +31,9 @@ from scipy.stats import false_discovery_control
 from . import __version__
 from .anchors import Anchors
 from .errors import DATA_ERRORS, InputError
-from .manifold import (FITTERS, degenerate_reason, evaluate, fit_manifold, latent_distances, learned_statistic,
-                       spearman_pairs, trustworthiness, twonn_dimension)
+from .manifold import (FITTERS, PermutationDesign, degenerate_reason, evaluate, evaluate_staged, fit_manifold,
+                       latent_distances, learned_statistic, random_holdout_mask, spearman_pairs, trustworthiness,
+                       twonn_dimension)
 from .operators import OperatorBank
 from .utils import array_sha256, package_versions, restores_torch_threads, write_json
 
@@ -108,10 +109,12 @@ class ScreenReport:
             raise InputError(f"{folder} is not a screen folder: screen_table.csv is missing (run `sclens screen`)")
         folder = table_file.parent
         table = pd.read_csv(table_file)
-        if "failure" in table:
-            table["failure"] = table["failure"].fillna("").astype(str)
-        for c in table.columns:  # gates that could not be evaluated are NA: nullable booleans, as when screened
-            if c.startswith(("gate_", "passes_")) and (table[c].dtype == object or table[c].isna().all()):
+        for c in ("failure", "skipped", "stopped_at", "null_stopped_at"):
+            if c in table:
+                table[c] = table[c].fillna("").astype(str)
+        for c in table.columns:  # gates not evaluated (or skipped) are NA: nullable booleans, as when screened
+            if (c.startswith(("gate_", "passes_", "null_gate_", "null_passes"))
+                    and (table[c].dtype == object or table[c].isna().all())):
                 table[c] = table[c].map({True: True, False: False, "True": True, "False": False}).astype("boolean")
         rep_file = folder / "screen_report.json"
         rep = json.loads(rep_file.read_text()) if rep_file.is_file() else {}
@@ -157,9 +160,10 @@ def _cached(cache_file: Path | None, key: str):
 
 
 @restores_torch_threads
-def _rows(cache_file: Path | None, key: str, F_args: tuple, fitters, base: dict, fit_one) -> list[dict]:
+def _rows(cache_file: Path | None, key: str, F_args: tuple, fitters, base: dict, fit_one,
+          write_cache: bool = True) -> list[dict]:
     """One featurisation x every fitter: the resume cache, the degeneracy check and the failure record around
-    ``fit_one(F, fitter) -> metrics``."""
+    ``fit_one(F, fitter) -> metrics`` (``write_cache=False``: the caller writes it, once the rows are complete)."""
     import torch
 
     torch.set_num_threads(1)
@@ -167,7 +171,7 @@ def _rows(cache_file: Path | None, key: str, F_args: tuple, fitters, base: dict,
         return rows
     F = _features(*F_args)
     reason = degenerate_reason(F, _min_distinct(len(F)))
-    rows = []
+    rows, fit_cache = [], {}  # fits of these features share kNN graphs and LET bases
     for fitter in fitters:
         t0 = time.perf_counter()
         row = {**base, "fitter": fitter, "failure": ""}
@@ -175,18 +179,23 @@ def _rows(cache_file: Path | None, key: str, F_args: tuple, fitters, base: dict,
             row["failure"] = f"degenerate featurisation: {reason}"
         else:
             try:
-                row.update(fit_one(F, fitter))
+                row.update(fit_one(F, fitter, fit_cache=fit_cache))
             except DATA_ERRORS as exc:  # what the degeneracy check lets through
                 row["failure"] = f"{fitter} failed: {type(exc).__name__}: {exc}"
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-    if cache_file:
-        cache_file.write_text(json.dumps({"key": key, "rows": rows}, default=float))
+    if cache_file and write_cache:
+        _write_cache(cache_file, key, rows)
     return rows
 
 
+def _write_cache(cache_file: Path, key: str, rows: list[dict]) -> None:
+    cache_file.write_text(json.dumps({"key": key, "rows": rows}, default=float))
+
+
 def _evaluate_both(F, fitter, *, anchors, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs,
-                   exact=False) -> dict:
+                   exact=False, fit_cache=None) -> dict:
+    """The --exact path (:func:`sclens.manifold.evaluate`: every gate of both rulers; ``fit_cache`` unused)."""
     res, _ = evaluate(F, anchors, fitter, rulers={"ruler": (ruler, anchors.dag.ruler_matrix),
                                                   "null": (null_ruler, null_stage_ruler)},
                       d=d, k=k, n_perm=gates["n_permutations"], seed=seed, let_epochs=let_epochs, exact=exact)
@@ -196,32 +205,98 @@ def _evaluate_both(F, fitter, *, anchors, ruler, null_ruler, null_stage_ruler, g
     return out
 
 
-def _control_value(F, fitter, *, anchors, metrics, ruler, d, k, seed, let_epochs) -> dict:
+def _evaluate_staged_row(F, fitter, *, anchors, ruler, null_ruler, gates, d, k, seed, let_epochs,
+                         fit_cache=None) -> dict:
+    """The default path: gates cheapest first with early exit; the permutation tests go back to the caller."""
+    res, skipped, stopped, perm = evaluate_staged(
+        F, anchors, fitter, rulers={"ruler": ruler, "null": null_ruler}, trust_min=gates["trustworthiness_min"],
+        holdout_min=gates["holdout_spearman_min"], holdouts=gates.get("holdouts", ["random", "donor", "branch"]),
+        d=d, k=k, seed=seed, let_epochs=let_epochs, fit_cache=fit_cache)
+    pos, neg = res["ruler"], res["null"]
+    out = {"d": pos.pop("latent_dim"), **pos}
+    out.update({f"null_{k2}": v for k2, v in neg.items() if k2 != "latent_dim"})
+    out["stopped_at"] = stopped["ruler"]
+    out["null_stopped_at"] = "not evaluated" if skipped["null"] == ["*"] else stopped["null"]
+    out["skipped"] = ";".join(skipped["ruler"] + [f"null_{m}" for m in skipped["null"]])
+    out["_perm"] = {("" if name == "ruler" else "null_"): (design, name, a) for name, (design, a) in perm.items()}
+    return out
+
+
+def _control_value(F, fitter, *, anchors, metrics, ruler, d, k, seed, let_epochs, let_engine="autograd",
+                   fit_cache=None) -> dict:
     return {"value": learned_statistic(F, anchors, fitter, metrics[fitter], ruler=ruler, d=d, k=k, seed=seed,
-                                       let_epochs=let_epochs)}
+                                       let_epochs=let_epochs, let_engine=let_engine, fit_cache=fit_cache)}
+
+
+def _cache_file(cache_dir, feat: str, layer: int, head: int, prefix: str = "") -> Path | None:
+    return Path(cache_dir) / f"{prefix}{feat.replace(':', '-')}_{layer}_{head}.json" if cache_dir else None
+
+
+class _PermutationQueue:
+    """The default path's permutation tests, queued per design (anchors x ruler) and scored many at once
+    (:class:`sclens.manifold.PermutationDesign`) once the queued rank vectors reach ``max_bytes``."""
+
+    def __init__(self, anchors: Anchors, stage_rulers: dict, n_perm: int, seed: int, max_bytes: float = 256e6):
+        self.anchors, self.stage_rulers, self.n_perm, self.seed, self.max_bytes = (anchors, stage_rulers, n_perm,
+                                                                                   seed, max_bytes)
+        self.designs: dict = {}
+        self.items: dict = {}
+        self.nbytes, self.seconds, self.n_tests = 0, 0.0, 0
+
+    def _design(self, key) -> PermutationDesign:
+        if key not in self.designs:
+            subset, name = key
+            sel = (np.ones(len(self.anchors), bool) if subset == "all"
+                   else random_holdout_mask(len(self.anchors), self.seed))
+            self.designs[key] = PermutationDesign(self.anchors.stage_index[sel], self.stage_rulers[name],
+                                                  self.anchors.obs["donor"].to_numpy()[sel], n_perm=self.n_perm,
+                                                  seed=self.seed)
+        return self.designs[key]
+
+    def add(self, key, a: np.ndarray, row: dict, prefix: str) -> None:
+        self.items.setdefault(key, []).append((a, row, prefix))
+        self.nbytes += a.nbytes
+        if self.nbytes > self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        t0 = time.perf_counter()
+        for key, items in self.items.items():
+            design = self._design(key)
+            for (_, row, prefix), (p, n) in zip(items, design.p_values(np.stack([it[0] for it in items]))):
+                row.update({f"{prefix}perm_p": p, f"{prefix}perm_n": n, f"{prefix}perm_blocks": design.n_blocks})
+            self.n_tests += len(items)
+        self.items, self.nbytes = {}, 0
+        self.seconds += time.perf_counter() - t0
 
 
 def _run_job(job, anchors, bank, fitters, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs, cache_dir,
              key, exact=False):
     feat, layer, head = job
-    cache_file = Path(cache_dir) / f"{feat.replace(':', '-')}_{layer}_{head}.json" if cache_dir else None
-    fit_one = partial(_evaluate_both, anchors=anchors, ruler=ruler, null_ruler=null_ruler,
-                      null_stage_ruler=null_stage_ruler, gates=gates, d=d, k=k, seed=seed, let_epochs=let_epochs,
-                      exact=exact)
+    cache_file = _cache_file(cache_dir, feat, layer, head)
+    if exact:
+        fit_one = partial(_evaluate_both, anchors=anchors, ruler=ruler, null_ruler=null_ruler,
+                          null_stage_ruler=null_stage_ruler, gates=gates, d=d, k=k, seed=seed, let_epochs=let_epochs,
+                          exact=True)
+    else:
+        fit_one = partial(_evaluate_staged_row, anchors=anchors, ruler=ruler, null_ruler=null_ruler, gates=gates,
+                          d=d, k=k, seed=seed, let_epochs=let_epochs)
     base = {"featurisation": feat, "layer": layer, "head": head}
-    rows = _rows(cache_file, key, (anchors, feat, bank, layer, head), fitters, base, fit_one)
+    # the default path's rows wait for their permutation tests (scored by the caller, many at once)
+    rows = _rows(cache_file, key, (anchors, feat, bank, layer, head), fitters, base, fit_one, write_cache=exact)
     # keep the table's column order: identity, fitter, d, metrics
     return [{"featurisation": r["featurisation"], "layer": r["layer"], "head": r["head"], "fitter": r["fitter"],
              "d": r.get("d", float("nan")), **r} for r in rows]
 
 
-def _run_control_job(job, anchors, bank, fitters, metrics, ruler, d, k, seed, let_epochs, cache_dir, key):
+def _run_control_job(job, anchors, bank, fitters, metrics, ruler, d, k, seed, let_epochs, cache_dir, key,
+                     let_engine="autograd"):
     """The learned gate's statistic of one unit of one random-weights copy, for every fitter (reduced design:
     only the statistic the gate compares, with the same fits and seeds as the model's own hypotheses)."""
     feat, layer, head, copy = job
-    cache_file = (Path(cache_dir) / f"control{copy}_{feat.replace(':', '-')}_{layer}_{head}.json" if cache_dir else None)
+    cache_file = _cache_file(cache_dir, feat, layer, head, prefix=f"control{copy}_")
     fit_one = partial(_control_value, anchors=anchors, metrics=metrics, ruler=ruler, d=d, k=k, seed=seed,
-                      let_epochs=let_epochs)
+                      let_epochs=let_epochs, let_engine=let_engine)
     base = {"copy": copy, "featurisation": feat, "layer": layer, "head": head}
     rows = _rows(cache_file, key, (anchors, feat, bank, layer, head), fitters, base, fit_one)
     return [{**r, "metric": metrics[r["fitter"]], "value": r.get("value", float("nan"))} for r in rows]
@@ -237,6 +312,28 @@ def _feature_jobs(banks: dict, units, include_drift: bool) -> tuple[list[tuple[s
         elif include_drift:
             skipped.append(f"drift:{kind} (needs >= 3 layers, model has {bank.n_layers})")
     return jobs, skipped
+
+
+_GATE_OF = {"trustworthiness": "gate_trustworthiness", "holdout_random": "gate_holdout_random",
+            "holdout_donor": "gate_holdout_donor", "holdout_branch": "gate_holdout_branch", "perm_p": "gate_permutation"}
+
+
+def _mark_skipped(table: pd.DataFrame) -> pd.DataFrame:
+    """Gates the default path did not evaluate (an earlier gate of the same ruler failed) become NA, not False."""
+    for col, fill in (("skipped", ""), ("stopped_at", ""), ("null_stopped_at", "")):
+        table[col] = table[col].fillna(fill).astype(str) if col in table else fill
+    gate_cols = [c for c in table.columns if c.startswith(("gate_", "null_gate_"))]
+    table[gate_cols] = table[gate_cols].astype("boolean")
+    null_gates = [c for c in gate_cols if c.startswith("null_gate_")]
+    for i, skipped in table["skipped"].items():
+        for m in filter(None, skipped.split(";")):
+            if m == "null_*":
+                table.loc[i, null_gates] = pd.NA
+            elif m.startswith("null_") and m[5:] in _GATE_OF:
+                table.loc[i, "null_" + _GATE_OF[m[5:]]] = pd.NA
+            elif m in _GATE_OF:
+                table.loc[i, _GATE_OF[m]] = pd.NA
+    return table
 
 
 def learned_settings(gates: dict, fitters: Sequence[str]) -> dict:
@@ -371,13 +468,30 @@ def screen(
     args = (fitters, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs, cdir, key)
     cargs = (fitters, learned["metric"], ruler, d, k, seed, let_epochs, cdir, key)
     calls = ([delayed(_run_job)(j, anchors, bank_for(j[0]), *args, exact=exact) for j in jobs]
-             + [delayed(_run_control_job)(j, anchors, bank_for(j[0], j[3]), *cargs) for j in control_jobs])
+             + [delayed(_run_control_job)(j, anchors, bank_for(j[0], j[3]), *cargs,
+                                          let_engine="autograd" if exact else "fused") for j in control_jobs])
     bar = dict(total=len(calls), desc="screening" + (f" (+ {len(controls)} random-weights copies)" if controls else ""),
                unit="featurisation", disable=not progress)
-    if n_jobs == 1:
-        results = [fn(*a, **kw) for fn, a, kw in tqdm(calls, **bar)]
-    else:
-        results = list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(calls), **bar))
+    stream = ((fn(*a, **kw) for fn, a, kw in calls) if n_jobs == 1
+              else Parallel(n_jobs=n_jobs, return_as="generator")(calls))
+    queue = _PermutationQueue(anchors, {"ruler": anchors.dag.ruler_matrix, "null": null_stage_ruler},
+                              gates["n_permutations"], seed)
+    results, unwritten = [], []
+    for i, rows in enumerate(tqdm(stream, **bar)):
+        results.append(rows)
+        if i < len(jobs) and not exact:  # queue the permutation tests; a job is cached once they are scored
+            for r in rows:
+                for prefix, (design, name, a) in r.pop("_perm", {}).items():
+                    queue.add((design, name), a, r, prefix)
+            if cdir:
+                unwritten.append((_cache_file(cdir, *jobs[i]), rows))
+            if not queue.items:
+                for file, done in unwritten:
+                    _write_cache(file, key, done)
+                unwritten = []
+    queue.flush()
+    for file, done in unwritten:
+        _write_cache(file, key, done)
     table = pd.DataFrame([r for rows in results[: len(jobs)] for r in rows])
     control_table = (pd.DataFrame([r for rows in results[len(jobs):] for r in rows]) if controls else None)
     for col in ("ruler_spearman_resid", "perm_p", "trustworthiness"):
@@ -387,14 +501,19 @@ def screen(
         checks = table.apply(lambda r: gate_checks({k2[len(prefix):]: r[k2] for k2 in r.index if k2.startswith(prefix)},
                                                    gates, prefix), axis=1, result_type="expand")
         table = pd.concat([table, checks], axis=1)
+    table = _mark_skipped(table)
     pvals = table["perm_p"].astype(float).fillna(1.0).clip(0, 1).to_numpy()
     table["q"] = false_discovery_control(pvals, method="bh")
     gate_cols = [c for c in table.columns if c.startswith("gate_")]
     null_cols = [c for c in table.columns if c.startswith("null_gate_")]
     table["gate_bh"] = table["q"] <= gates.get("bh_alpha", 0.05)
-    table["passes_gates"] = table[gate_cols + ["gate_bh"]].all(axis=1)
-    table["null_passes"] = table[null_cols].all(axis=1)
-    table["passes_published"] = table["passes_gates"] & (~table["null_passes"] if gates["null_must_fail"] else True)
+    # a gate skipped (NA) follows a failed one of the same ruler, so a row with one never passes
+    table["passes_gates"] = table[gate_cols + ["gate_bh"]].astype("boolean").fillna(False).all(axis=1)
+    null_passes = table[null_cols].astype("boolean").fillna(False).all(axis=1).astype("boolean")
+    null_passes[table["null_stopped_at"] == "not evaluated"] = pd.NA
+    table["null_passes"] = null_passes
+    table["passes_published"] = table["passes_gates"] & (~null_passes.fillna(False).astype(bool)
+                                                         if gates["null_must_fail"] else True)
     table = apply_learned_gate(table, control_table, learned, len(controls))
     evaluated = bool(table["gate_learned"].notna().all()) and len(table) > 0
     table["passes_all"] = table["passes_published"] & (table["gate_learned"].fillna(False).astype(bool) if evaluated
@@ -406,6 +525,10 @@ def screen(
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     failures = table[table["failure"].astype(str) != ""]
     info = {"n_anchors": len(anchors), "anchor_info": anchors.info, "n_jobs_run": len(jobs), "skipped": skipped,
+            "engine": ("exact: every gate of every hypothesis, pair-level permutation statistic" if exact else
+                       "staged: gates cheapest first with early exit, permutation tests scored in batches"),
+            "stopped_at": {str(k2): int(v) for k2, v in table["stopped_at"].value_counts().items()},
+            "permutation_tests": {"n": queue.n_tests, "seconds": queue.seconds, "designs": len(queue.designs)},
             "null_permutation": perm, "wall_seconds": time.perf_counter() - t0, "versions": package_versions(),
             "sclens_version": __version__, "synthetic": anchors.info.get("synthetic", False),
             "n_failed": int(len(failures)),
@@ -437,11 +560,13 @@ def intrinsic_dimension(report: ScreenReport, anchors: Anchors, banks: dict, dim
 
     F = _top_features(report, anchors, banks)
     mu, sd = zscore_fit(F)
-    curve = []
+    curve, cache = [], {}  # one row-space basis for every d
+    engine = "autograd" if report.config.get("exact") else "fused"
     for dd in dims:
         if dd >= len(anchors) - 2:
             break
-        m = fit_manifold(F, "let", d=dd, ruler=anchors.ruler, seed=report.config["seed"], let_epochs=report.config["let_epochs"])
+        m = fit_manifold(F, "let", d=dd, ruler=anchors.ruler, seed=report.config["seed"],
+                         let_epochs=report.config["let_epochs"], let_engine=engine, fit_cache=cache)
         curve.append({"d": dd, "ruler_spearman": spearman_pairs(latent_distances(m, m.Z), anchors.ruler),
                       "trustworthiness": trustworthiness((F - mu) / sd, m.Z)})
     return {"twonn": twonn_dimension((F - mu) / sd), "let_curve": curve}

@@ -50,6 +50,8 @@ def json_default(o):
         return list(o)
     if isinstance(o, Path):
         return str(o)
+    if type(o).__name__ == "NAType":  # pandas' missing value (e.g. a gate that was not evaluated)
+        return None
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
