@@ -449,7 +449,7 @@ def blocked_permutation_p(D: np.ndarray, stage_idx: np.ndarray, stage_ruler: np.
 def standardised_pair_ranks(D: np.ndarray) -> np.ndarray:
     """Ranks of the upper-triangle entries of a distance matrix, standardised: the vector a permutation test scores."""
     a = rankdata(upper(D))
-    return (a - a.mean()) / (a.std() or 1.0)
+    return _standardised(a)
 
 
 class PermutationDesign:
@@ -478,7 +478,10 @@ class PermutationDesign:
         rv = np.zeros((S, S))
         rv[lab[self.iu[0]], lab[self.iu[1]]] = r
         rv[lab[self.iu[1]], lab[self.iu[0]]] = r
-        self.S, self.rv_flat, self.r_obs, self.lab = S, rv.ravel(), r, lab.astype(np.int64)
+        self.S, self.rv_flat, self.r_obs = S, rv.ravel(), r
+        small = S * S < 2**31 and A < 2**31  # 32-bit labels and pair indices: less memory traffic per relabelling
+        self.lab = lab.astype(np.int32 if small else np.int64)
+        self.iu32 = tuple(i.astype(self.lab.dtype) for i in self.iu)
         blocks = np.asarray(blocks)
         self.n_blocks = int(len(np.unique(blocks)))
         rng = np.random.default_rng(seed)
@@ -506,10 +509,11 @@ class PermutationDesign:
             raise InputError(f"the latent has {a.shape[1]} anchor pairs, the permutation design {N}")
         out = np.empty((len(a), self.n_perm))
         step = max(1, int(max_bytes // (16 * max(N, 1))))
-        i0, i1 = self.iu
+        i0, i1 = self.iu32
+        S = self.lab.dtype.type(self.S)
         for s in range(0, self.n_perm, step):
             labp = self.lab[self.perms[s:s + step]]
-            r = self.rv_flat[labp[:, i0] * self.S + labp[:, i1]]
+            r = self.rv_flat[labp[:, i0] * S + labp[:, i1]]
             out[:, s:s + step] = a @ r.T
         return a @ self.r_obs, out
 
@@ -640,13 +644,63 @@ def evaluate(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, tuple[np.
     return out, full
 
 
-def _full_metrics(m: FittedManifold, R: np.ndarray, donors, tissues, k: int) -> dict:
-    D = latent_distances(m, m.Z)
-    res = {"trustworthiness": trustworthiness(m.train_scaled, m.Z, k), "ruler_spearman": spearman_pairs(D, R),
-           "ruler_spearman_resid": residualized_spearman(D, R, donors, tissues)}
+class _RulerPairs:
+    """One ruler's side of :func:`spearman_pairs` and :func:`residualized_spearman` over the anchor pairs (its ranks,
+    the same-donor / same-tissue covariates' projection), computed once and applied to many latents' ranks."""
+
+    def __init__(self, R: np.ndarray, donors, tissues):
+        donors, tissues = np.asarray(donors), np.asarray(tissues)
+        self.r = upper(R)
+        self.b = rankdata(self.r)
+        cov = [np.ones_like(self.b)]
+        for g in (donors, tissues):
+            same = upper((g[:, None] == g[None, :]).astype(float))
+            if np.ptp(same) > 0:
+                cov.append(same)
+        self.C = np.stack(cov, 1)
+        self.pinv = np.linalg.pinv(self.C)
+        self.rb = self.b - self.C @ (self.pinv @ self.b)
+
+    def spearman(self, d: np.ndarray, ranks: np.ndarray) -> float:
+        if len(d) < 3 or np.ptp(d) == 0 or np.ptp(self.r) == 0 or not np.isfinite(d).all():
+            return float("nan")
+        return float(np.corrcoef(ranks, self.b)[0, 1])
+
+    def residualized(self, ranks: np.ndarray) -> float:
+        ra = ranks - self.C @ (self.pinv @ ranks)
+        if ra.std() == 0 or self.rb.std() == 0:
+            return float("nan")
+        return float(np.corrcoef(ra, self.rb)[0, 1])
+
+
+_RULER_PAIRS: dict = {}
+
+
+def _ruler_pairs(R: np.ndarray, donors, tissues) -> _RulerPairs:
+    key = _cache_key("ruler_pairs", R, _cache_key("groups", np.asarray([*map(str, donors), *map(str, tissues)],
+                                                                       dtype="U")))
+    if key not in _RULER_PAIRS:
+        if len(_RULER_PAIRS) >= 4:
+            _RULER_PAIRS.pop(next(iter(_RULER_PAIRS)))
+        _RULER_PAIRS[key] = _RulerPairs(R, donors, tissues)
+    return _RULER_PAIRS[key]
+
+
+def _full_metrics(m: FittedManifold, R: np.ndarray, donors, tissues, k: int) -> tuple[dict, np.ndarray]:
+    """The full fit's statistics (as :func:`evaluate` computes them) and the latent distances' pair ranks."""
+    rp = _ruler_pairs(R, donors, tissues)
+    d = upper(latent_distances(m, m.Z))
+    ranks = rankdata(d)
+    res = {"trustworthiness": trustworthiness(m.train_scaled, m.Z, k), "ruler_spearman": rp.spearman(d, ranks),
+           "ruler_spearman_resid": rp.residualized(ranks)}
     if m.geodesic is not None:
-        res["geodesic_spearman"] = spearman_pairs(m.geodesic, R)
-    return res
+        g = upper(m.geodesic)
+        res["geodesic_spearman"] = rp.spearman(g, rankdata(g))
+    return res, ranks
+
+
+def _standardised(ranks: np.ndarray) -> np.ndarray:
+    return (ranks - ranks.mean()) / (ranks.std() or 1.0)
 
 
 GATED_METRICS = ("trustworthiness", "holdout_random", "holdout_donor", "holdout_branch", "perm_p")
@@ -704,9 +758,9 @@ def evaluate_staged(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, np
 
     if fitter != "let":  # one fit per fold serves every ruler: a null costs only its scores
         m = fit_manifold(F, fitter, **kw)
-        out[names[0]].update(_full_metrics(m, rulers[names[0]], donors, tissues, k))
-        out[names[0]]["latent_dim"] = int(m.Z.shape[1])
-        a = standardised_pair_ranks(latent_distances(m, m.Z))
+        res, ranks = _full_metrics(m, rulers[names[0]], donors, tissues, k)
+        out[names[0]].update(res, latent_dim=int(m.Z.shape[1]))
+        a = _standardised(ranks)
         failed = fails("trustworthiness", out[names[0]]["trustworthiness"], names[0])
         for h in ["random"] + later:
             if failed:
@@ -721,7 +775,7 @@ def evaluate_staged(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, np
             if failed:
                 out[name], skipped[name] = {}, ["*"]
             else:
-                out[name].update(_full_metrics(m, rulers[name], donors, tissues, k))
+                out[name].update(_full_metrics(m, rulers[name], donors, tissues, k)[0])
                 perm[name] = ("all", a)
         return out, skipped, stopped, perm
 
@@ -731,7 +785,7 @@ def evaluate_staged(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, np
 
         def full():
             m = fit_manifold(F, fitter, ruler=R, **kw)
-            res.update(_full_metrics(m, R, donors, tissues, k))
+            res.update(_full_metrics(m, R, donors, tissues, k)[0])
             res["latent_dim"] = int(m.Z.shape[1])
             return fails("trustworthiness", res["trustworthiness"], name)
 

@@ -236,7 +236,7 @@ class _PermutationQueue:
     """The default path's permutation tests, queued per design (anchors x ruler) and scored many at once
     (:class:`sclens.manifold.PermutationDesign`) once the queued rank vectors reach ``max_bytes``."""
 
-    def __init__(self, anchors: Anchors, stage_rulers: dict, n_perm: int, seed: int, max_bytes: float = 256e6):
+    def __init__(self, anchors: Anchors, stage_rulers: dict, n_perm: int, seed: int, max_bytes: float = 384e6):
         self.anchors, self.stage_rulers, self.n_perm, self.seed, self.max_bytes = (anchors, stage_rulers, n_perm,
                                                                                    seed, max_bytes)
         self.designs: dict = {}
