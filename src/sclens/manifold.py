@@ -575,8 +575,8 @@ def learned_statistic(F: np.ndarray, anchors, fitter: str, metric: str, *, ruler
     kw = dict(d=d, k=k, seed=seed, let_epochs=let_epochs, let_engine=let_engine, fit_cache=fit_cache)
     if metric == "ruler_spearman_resid":
         m = fit_manifold(F, fitter, ruler=ruler, **kw)
-        obs = anchors.obs
-        return residualized_spearman(latent_distances(m, m.Z), ruler, obs["donor"].to_numpy(), obs["tissue"].to_numpy())
+        rp = _ruler_pairs(ruler, anchors.obs["donor"].to_numpy(), anchors.obs["tissue"].to_numpy())
+        return rp.residualized(rankdata(upper(latent_distances(m, m.Z))))  # = residualized_spearman(...)
     if metric == "holdout_random":
         return holdout_spearman(F, {"ruler": ruler}, fitter, [random_holdout_mask(len(F), seed)], **kw)["ruler"]
     raise InputError(f"the learned gate's metric must be ruler_spearman_resid or holdout_random, got {metric!r}")
