@@ -33,7 +33,8 @@ from .utils import atomic_write, write_json
 
 SCREEN_COLUMNS = ["featurisation", "layer", "head", "fitter", "trustworthiness", "ruler_spearman_resid",
                   "holdout_random", "holdout_donor", "holdout_branch", "perm_p", "q", "passes_gates", "null_passes",
-                  "passes_published", "margin_over_raw", "margin_over_random", "gate_learned", "passes_all", "failure"]
+                  "passes_published", "margin_over_raw", "margin_over_random", "gate_learned", "passes_all", "stopped_at",
+                  "failure"]
 
 
 def _sha(path: Path) -> str:

@@ -6,6 +6,9 @@ every gate of ``resources/gates.yaml`` holds (trustworthiness, random / donor / 
 blocked-permutation p, BH q) and the null does not pass the same gates. A gate that cannot be evaluated
 (e.g. a donor holdout with one donor) fails - gates are never relaxed. Hypotheses passing every gate are
 ranked first; within that group and the rest, by the ruler correlation residualised on donor and tissue.
+By default the gates are checked cheapest first and a hypothesis stops at its first failure (the null runs
+only where the true ruler passes); the permutation tests of all hypotheses are scored together in batches
+(``exact=True``: the earlier, exhaustive path).
 
 Featurisations: the ``attn`` / ``qk`` / ``ov`` operator of each unit, the ``drift`` of each kind, and the
 raw panel (``x`` itself) as a control. Work is cached per (featurisation, unit) so an interrupted screen
@@ -405,8 +408,11 @@ def screen(
     n_jobs, cache_dir, progress
         joblib workers over featurisations; a folder that makes an interrupted screen resume; a progress bar.
     exact
-        Use the earlier evaluation path (pair-level permutation statistic; LET's random-holdout fit made twice)
-        to check the default one, which gives the same permutations and fits (docs/screen.md, "Speed").
+        Use the earlier evaluation path (every gate of both rulers for every hypothesis, one pair-level
+        permutation test at a time, autograd LET) to check the default staged engine: gates cheapest first with
+        early exit (skipped gates NA, ``stopped_at`` names the failing one; the null only for hypotheses whose
+        true ruler passes), permutation tests scored in batches with the same relabellings, shared kNN graphs,
+        LET's fused gradient (docs/screen.md, "Speed").
 
     Returns
     -------

@@ -259,8 +259,9 @@ def screen_cmd(
                                          "(default: the one recorded in the operators' manifest)."),
     device: str = typer.Option("auto", help="Where the random-weights copies' operators are exported: auto (CUDA "
                                             "when present), cpu, cuda or cuda:N."),
-    exact: bool = typer.Option(False, "--exact", help="The earlier evaluation path (pair-level permutation "
-                                                      "statistic), to check the default one."),
+    exact: bool = typer.Option(False, "--exact", help="The earlier evaluation path (every gate of both rulers for "
+                                                      "every hypothesis, one permutation test at a time, autograd "
+                                                      "LET), to check the staged default (docs/screen.md, 'Speed')."),
 ) -> None:
     """Screen every unit x featurisation x fitter against the developmental ruler, under the gates."""
     from ..anchors import build_anchors
