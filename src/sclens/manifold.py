@@ -64,19 +64,7 @@ def spearman_pairs(D: np.ndarray, R: np.ndarray) -> float:
 
 def residualized_spearman(D: np.ndarray, R: np.ndarray, donors, tissues) -> float:
     """Partial Spearman of latent distance and ruler given same-donor and same-tissue pair indicators."""
-    donors, tissues = np.asarray(donors), np.asarray(tissues)
-    a, b = rankdata(upper(D)), rankdata(upper(R))
-    cov = [np.ones_like(a)]
-    for g in (donors, tissues):
-        same = upper((g[:, None] == g[None, :]).astype(float))
-        if np.ptp(same) > 0:
-            cov.append(same)
-    C = np.stack(cov, 1)
-    ra = a - C @ np.linalg.lstsq(C, a, rcond=None)[0]
-    rb = b - C @ np.linalg.lstsq(C, b, rcond=None)[0]
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return _RulerPairs(R, donors, tissues).residualized(rankdata(upper(D)))
 
 
 def trustworthiness(F: np.ndarray, Z: np.ndarray, k: int = 15) -> float:
