@@ -78,8 +78,8 @@ def test_permutation_p_add_one_rule_and_blocks():
 
 
 @pytest.mark.parametrize("case", range(6))
-def test_permutation_p_stage_level_path_equals_the_pair_path(case):
-    """The default (stage-level matrix product) and the exact (pair gathering) statistic agree on every
+def test_permutation_p_design_path_equals_the_pair_path(case):
+    """The default (PermutationDesign's matrix product) and the exact (pair gathering) statistic agree on every
     permutation: same p and same number of permutations run, also with tied ruler values, stages absent from
     the anchors, singleton blocks and relabellings that only swap anchors of one stage."""
     rng = np.random.default_rng(case)

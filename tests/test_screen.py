@@ -239,7 +239,7 @@ def _same_gates_and_ranking(fast, exact):
 
 
 def test_fast_path_gives_the_exact_paths_gates_and_ranking_on_the_planted_fixture(tmp_path, cells):
-    """The default evaluation (stage-level permutation statistic, LET's holdout fit reused) against --exact."""
+    """The default evaluation (the staged engine) against --exact."""
     model = load_scgpt(build_planted_checkpoint(tmp_path / "m", planted=True))
     panel = GenePanel(tuple(gene_names()))
     banks = export_operators(model, cells, panel, kinds=["ov"], n_ref_cells=16, progress=False)

@@ -375,60 +375,26 @@ def blocked_permutation_p(D: np.ndarray, stage_idx: np.ndarray, stage_ruler: np.
     value the test stops early (Besag & Clifford 1991, p = stop_after / n done) - only clear failures stop early.
     Returns (p, permutations run).
 
-    The statistic is ``sum over anchor pairs of rank(D) x rank(ruler)``. The ruler is a function of the two
-    anchors' stages, so a relabelling changes only which stage pair each anchor pair holds: the default path
-    scores a chunk of relabellings with one ``A x A`` by ``A x (chunk * stages)`` matrix product (the distance
-    ranks against each relabelling's one-hot stages) instead of gathering every pair of every relabelling;
-    same permutations, same statistic up to float rounding. ``exact=True`` is the pair-gathering path.
+    The statistic is ``sum over anchor pairs of rank(D) x rank(ruler)``, scored by :class:`PermutationDesign`;
+    ``exact=True`` gathers every anchor pair of every relabelling instead (the reference the design is checked
+    against: same relabellings, same statistic up to float rounding).
     """
-    blocks = np.asarray(blocks)
-    A = len(stage_idx)
-    iu = np.triu_indices(A, k=1)
-    a = rankdata(D[iu])
-    a = (a - a.mean()) / (a.std() or 1.0)
-    r = rankdata(stage_ruler[np.ix_(stage_idx, stage_idx)][iu])  # ruler ranks of the anchor pairs
-    if exact:
-        ranks = np.zeros((A, A))
-        ranks[iu] = r
-        ranks = ranks + ranks.T
-        obs = float(a @ r)
-    else:
-        # midranks depend only on the ruler value, so they are a function of the stage pair; only the stages
-        # the anchors hold can occur in a relabelling (the DAG may have many more)
-        _, lab = np.unique(stage_idx, return_inverse=True)
-        S = int(lab.max()) + 1
-        rv = np.zeros((S, S))
-        rv[lab[iu[0]], lab[iu[1]]] = r
-        rv[lab[iu[1]], lab[iu[0]]] = r
-        Amat = np.zeros((A, A))
-        Amat[iu] = a
-        Amat = Amat + Amat.T
-
-        def score(labels: np.ndarray) -> np.ndarray:  # labels [m, A] -> statistic per relabelling [m]
-            m = len(labels)
-            onehot = np.zeros((A, m, S))
-            onehot[np.arange(A)[:, None], np.arange(m)[None, :], labels.T] = 1.0
-            mixed = (Amat @ onehot.reshape(A, m * S)).reshape(A, m, S)
-            return 0.5 * np.einsum("ams,ams->m", rv[labels.T], mixed)
-
-        obs = float(score(lab[None, :])[0])
-        # ties (relabellings that only swap anchors of one stage) must count whatever the summation order
-        tol = 1e-9 * max(1.0, float(np.abs(a).sum() * np.abs(rv).max()))
-    rng = np.random.default_rng(seed)
-    block_members = [np.flatnonzero(blocks == b) for b in np.unique(blocks)]
+    design = PermutationDesign(stage_idx, stage_ruler, blocks, n_perm=n_perm, seed=seed, stop_after=stop_after,
+                               chunk=chunk)
+    a = standardised_pair_ranks(D)
+    if not exact:
+        return design.p_values(a)[0]
+    iu = design.iu
+    ranks = np.zeros((design.A, design.A))
+    ranks[iu] = design.r_obs
+    ranks = ranks + ranks.T
+    obs = float(a @ design.r_obs)
     exceed, done = 0, 0
-    while done < n_perm:
-        m = min(chunk, n_perm - done)
-        perms = np.tile(np.arange(A), (m, 1))
-        for idx in block_members:
-            if len(idx) > 1:
-                perms[:, idx] = idx[rng.permuted(np.tile(np.arange(len(idx)), (m, 1)), axis=1)]
-        if exact:
-            vals = np.einsum("pk,k->p", ranks[perms[:, iu[0]], perms[:, iu[1]]], a)
-            exceed += int((vals >= obs - 1e-9).sum())
-        else:
-            exceed += int((score(lab[perms]) >= obs - tol).sum())
-        done += m
+    for start in range(0, design.n_perm, chunk):
+        perms = design.perms[start:start + chunk]
+        vals = np.einsum("pk,k->p", ranks[perms[:, iu[0]], perms[:, iu[1]]], a)
+        exceed += int((vals >= obs - 1e-9).sum())
+        done += len(perms)
         if exceed >= stop_after:
             return exceed / done, done
     return (exceed + 1) / (done + 1), done
@@ -489,39 +455,45 @@ class PermutationDesign:
     def n_pairs(self) -> int:
         return len(self.r_obs)
 
-    def statistics(self, a: np.ndarray, max_bytes: float = 64e6) -> tuple[np.ndarray, np.ndarray]:
-        """Observed statistic [H] and every relabelling's [H, n_perm] for standardised pair ranks ``a`` [H, pairs]."""
-        a = np.atleast_2d(np.asarray(a, dtype=np.float64))
-        N = self.n_pairs
-        if a.shape[1] != N:
-            raise InputError(f"the latent has {a.shape[1]} anchor pairs, the permutation design {N}")
-        out = np.empty((len(a), self.n_perm))
-        step = max(1, int(max_bytes // (16 * max(N, 1))))
+    def _statistics(self, a: np.ndarray, start: int, end: int, max_bytes: float = 64e6) -> np.ndarray:
+        """Relabellings ``start:end`` scored against standardised pair ranks ``a`` [H, pairs] -> [H, end - start]."""
+        out = np.empty((len(a), end - start))
+        step = max(1, int(max_bytes // (16 * max(self.n_pairs, 1))))
         i0, i1 = self.iu32
         S = self.lab.dtype.type(self.S)
-        for s in range(0, self.n_perm, step):
-            labp = self.lab[self.perms[s:s + step]]
+        for s in range(start, end, step):
+            labp = self.lab[self.perms[s:min(s + step, end)]]
             r = self.rv_flat[labp[:, i0] * S + labp[:, i1]]
-            out[:, s:s + step] = a @ r.T
-        return a @ self.r_obs, out
+            out[:, s - start:s - start + len(r)] = a @ r.T
+        return out
 
     def p_values(self, a: np.ndarray) -> list[tuple[float, int]]:
-        """``(p, permutations counted)`` per row of ``a``, as :func:`blocked_permutation_p` gives them."""
+        """``(p, permutations counted)`` per row of ``a`` (standardised pair ranks, [H, pairs] or [pairs]), as
+        :func:`blocked_permutation_p` gives them: chunk by chunk, a row leaves once it is decided, and the pass
+        ends when every row has."""
         a = np.atleast_2d(np.asarray(a, dtype=np.float64))
-        obs, stats = self.statistics(a)
+        if a.shape[1] != self.n_pairs:
+            raise InputError(f"the latent has {a.shape[1]} anchor pairs, the permutation design {self.n_pairs}")
+        obs = a @ self.r_obs
         # ties (relabellings that only swap anchors of one stage) must count whatever the summation order
         tol = 1e-9 * np.maximum(1.0, np.abs(a).sum(1) * np.abs(self.rv_flat).max(initial=0.0))
-        exceed = stats >= (obs - tol)[:, None]
-        ends = np.minimum(np.arange(self.chunk, self.n_perm + self.chunk, self.chunk), self.n_perm)
-        cum = np.cumsum(exceed, axis=1)[:, ends - 1] if self.n_perm else np.zeros((len(a), 0), int)
-        out = []
-        for row in cum:
-            hit = np.flatnonzero(row >= self.stop_after)
-            if len(hit):
-                out.append((float(row[hit[0]] / ends[hit[0]]), int(ends[hit[0]])))
-            else:
-                total = int(row[-1]) if len(row) else 0
-                out.append(((total + 1) / (self.n_perm + 1), self.n_perm))
+        exceed = np.zeros(len(a), dtype=int)
+        out: list = [None] * len(a)
+        active, a_active = np.arange(len(a)), a
+        for start in range(0, self.n_perm, self.chunk):
+            end = min(start + self.chunk, self.n_perm)
+            stats = self._statistics(a_active, start, end)
+            exceed[active] += (stats >= (obs - tol)[active, None]).sum(1)
+            hit = exceed[active] >= self.stop_after
+            for i in active[hit]:
+                out[i] = (float(exceed[i] / end), end)
+            if hit.any():
+                active = active[~hit]
+                a_active = a[active]
+            if not len(active):
+                break
+        for i in active:
+            out[i] = ((int(exceed[i]) + 1) / (self.n_perm + 1), self.n_perm)
         return out
 
 
@@ -577,9 +549,9 @@ def evaluate(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, tuple[np.
 
     ``rulers`` maps a name (e.g. ``"ruler"``, ``"null"``) to ``(anchor ruler [A, A], stage ruler [S, S])``.
     Ruler-free fitters (isomap, gmds) are fitted once per fold and scored against every ruler; LET is
-    fitted per ruler. Returns ``{name: metrics}``. The default path scores the permutation test at stage level
-    and reuses LET's random-holdout fit for it (the same fit, made once); ``exact=True`` is the earlier path
-    (pair-level statistic, the fit made twice), kept for checking.
+    fitted per ruler. Returns ``{name: metrics}``. The default path scores the permutation test with
+    :class:`PermutationDesign` and reuses LET's random-holdout fit for it (the same fit, made once);
+    ``exact=True`` is the earlier path (pair-gathering statistic, the fit made twice), kept for checking.
     """
     obs = anchors.obs
     donors, tissues, branches = obs["donor"].to_numpy(), obs["tissue"].to_numpy(), obs["branch"].to_numpy()
@@ -596,14 +568,7 @@ def evaluate(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, tuple[np.
             full[name] = next(iter(full.values()))
     for name, (R, _) in rulers.items():
         m = full[name]
-        D = latent_distances(m, m.Z)
-        res = out[name]
-        res["trustworthiness"] = trustworthiness(m.train_scaled, m.Z, k)
-        res["ruler_spearman"] = spearman_pairs(D, R)
-        res["ruler_spearman_resid"] = residualized_spearman(D, R, donors, tissues)
-        if m.geodesic is not None:
-            res["geodesic_spearman"] = spearman_pairs(m.geodesic, R)
-        res["latent_dim"] = int(m.Z.shape[1])
+        out[name].update(_full_metrics(m, R, donors, tissues, k)[0], latent_dim=int(m.Z.shape[1]))
     rand_fits: dict | None = None if exact else {}
     hold = {
         "holdout_random": holdout_spearman(F, anchor_rulers, fitter, [rand_test], fits=rand_fits, **kw),
@@ -689,9 +654,6 @@ def _full_metrics(m: FittedManifold, R: np.ndarray, donors, tissues, k: int) -> 
 
 def _standardised(ranks: np.ndarray) -> np.ndarray:
     return (ranks - ranks.mean()) / (ranks.std() or 1.0)
-
-
-GATED_METRICS = ("trustworthiness", "holdout_random", "holdout_donor", "holdout_branch", "perm_p")
 
 
 def evaluate_staged(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, np.ndarray], trust_min: float,

@@ -197,11 +197,11 @@ def _write_cache(cache_file: Path, key: str, rows: list[dict]) -> None:
 
 
 def _evaluate_both(F, fitter, *, anchors, ruler, null_ruler, null_stage_ruler, gates, d, k, seed, let_epochs,
-                   exact=False, fit_cache=None) -> dict:
+                   fit_cache=None) -> dict:
     """The --exact path (:func:`sclens.manifold.evaluate`: every gate of both rulers; ``fit_cache`` unused)."""
     res, _ = evaluate(F, anchors, fitter, rulers={"ruler": (ruler, anchors.dag.ruler_matrix),
                                                   "null": (null_ruler, null_stage_ruler)},
-                      d=d, k=k, n_perm=gates["n_permutations"], seed=seed, let_epochs=let_epochs, exact=exact)
+                      d=d, k=k, n_perm=gates["n_permutations"], seed=seed, let_epochs=let_epochs, exact=True)
     pos, neg = res["ruler"], res["null"]
     out = {"d": pos.pop("latent_dim"), **pos}
     out.update({f"null_{k2}": v for k2, v in neg.items() if k2 != "latent_dim"})
@@ -279,8 +279,7 @@ def _run_job(job, anchors, bank, fitters, ruler, null_ruler, null_stage_ruler, g
     cache_file = _cache_file(cache_dir, feat, layer, head)
     if exact:
         fit_one = partial(_evaluate_both, anchors=anchors, ruler=ruler, null_ruler=null_ruler,
-                          null_stage_ruler=null_stage_ruler, gates=gates, d=d, k=k, seed=seed, let_epochs=let_epochs,
-                          exact=True)
+                          null_stage_ruler=null_stage_ruler, gates=gates, d=d, k=k, seed=seed, let_epochs=let_epochs)
     else:
         fit_one = partial(_evaluate_staged_row, anchors=anchors, ruler=ruler, null_ruler=null_ruler, gates=gates,
                           d=d, k=k, seed=seed, let_epochs=let_epochs)
