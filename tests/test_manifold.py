@@ -3,8 +3,8 @@ import pytest
 
 from sclens.errors import InputError
 from sclens.manifold import (LETModel, PermutationDesign, blocked_permutation_p, fit_manifold, knn_geodesic, pdist,
-                             residualized_spearman, spearman_pairs, standardised_pair_ranks, trustworthiness,
-                             twonn_dimension)
+                             residualized_spearman, smacof_metric, spearman_pairs, standardised_pair_ranks,
+                             trustworthiness, twonn_dimension)
 
 
 def test_spearman_pairs_known_values():
@@ -128,3 +128,23 @@ def test_fused_let_follows_the_autograd_fit(n):
     assert spearman_pairs(a.angular_distances(Za), f.angular_distances(Zf)) > 0.999
     with pytest.raises(InputError, match="engine"):
         LETModel(engine="jit")
+
+
+@pytest.mark.parametrize("n, dup", [(40, False), (120, True)])
+def test_smacof_metric_is_scikit_learns_iteration(n, dup):
+    """The buffered SMACOF gives scikit-learn's configuration (same iteration count, same stopping rule, zero
+    distances read as 1e-5: a duplicated point makes one)."""
+    from sklearn.manifold import smacof
+
+    rng = np.random.default_rng(n)
+    X = rng.normal(size=(n, 6))
+    if dup:
+        X[1] = X[0]
+    D = np.sqrt(((X[:, None] - X[None]) ** 2).sum(-1))
+    init = rng.normal(size=(n, 3))
+    for max_iter, eps in ((5, 1e-6), (300, 1e-4)):
+        ref, _, it = smacof(D, n_components=3, init=init, n_init=1, max_iter=max_iter, metric=True, eps=eps,
+                            random_state=0, normalized_stress="auto", return_n_iter=True)
+        Z = smacof_metric(D, init, max_iter=max_iter, eps=eps)
+        np.testing.assert_allclose(Z, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+    assert it < 300  # the stopping rule fired, and at the same step (else the configurations would differ)

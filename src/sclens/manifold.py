@@ -21,12 +21,13 @@ stop for clear failures), and intrinsic dimension (TwoNN, plus the LET score-ver
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse.csgraph import connected_components, shortest_path
 from scipy.stats import rankdata, spearmanr
-from sklearn.manifold import smacof, trustworthiness as _sk_trustworthiness
+from sklearn.manifold import trustworthiness as _sk_trustworthiness
 from sklearn.neighbors import NearestNeighbors, kneighbors_graph
 
 from .errors import InputError
@@ -218,60 +219,86 @@ class LETModel:
 
     def _fit_fused(self, Xt, target, mask, W, b, log_beta, G: int) -> "LETModel":
         """The same objective, initialisation and Adam steps (torch's update formula) with the gradient written out:
-        about a third of the passes over the anchors x anchors matrices that autograd makes. Float rounding differs
-        from the autograd path, and Adam can magnify it in coordinates whose gradient is near zero: fits agree to
-        ~1e-6 on well-conditioned problems, to ~1e-2 in the weights on small ones (tests/test_manifold.py)."""
+        about a third of the passes over the anchors x anchors matrices that autograd makes, into buffers allocated
+        once (a fresh anchors x anchors array per step costs page faults comparable to the arithmetic). Float32
+        numpy does the products and the small steps (torch's products with a 10-column factor and its per-call
+        overhead on small arrays cost several times more); torch computes the arccos (vectorised; numpy's is not).
+        The clamp of the cosines is checked with one min/max pass and applied only when a pair leaves
+        (-1 + 1e-6, 1 - 1e-6) (near-duplicate latent directions); the diagonal, which the fit masks out, is set to 0
+        so it never triggers it. Float rounding differs from the autograd path, and Adam can magnify it in
+        coordinates whose gradient is near zero: fits agree to ~1e-6 on well-conditioned problems, to ~1e-2 in the
+        weights on small ones (tests/test_manifold.py)."""
         import torch
 
-        n = Xt.shape[0]
-        # both triangles (off the diagonal), each pair counted twice: one product gives the gradient of zn
-        n_pairs = float(mask.sum())
-        upper_T = target * mask
-        neg_T = -(upper_T + upper_T.T)
-        maskf = (mask | mask.T).to(torch.float32)
-        ones = torch.ones(n, n)
-        col_sum = Xt.sum(0)
-        c_rec = 2 * self.alpha / (n * G)
-        eye = torch.eye(W.shape[0])
-        hi = 1 - 1e-6
+        f32 = np.float32
+        X = Xt.numpy()  # [n, k]
+        XT = np.ascontiguousarray(X.T)
+        n = X.shape[0]
+        n_pairs = float(mask.sum())  # each pair once; both triangles are used below, so each is counted twice
+        neg_T = (target * mask).numpy()
+        neg_T = -(neg_T + neg_T.T)
+        col_sum = X.sum(0)
+        c_rec = f32(2 * self.alpha / (n * G))
+        W, b = W.numpy().astype(f32), b.numpy().astype(f32)
+        eye = np.eye(W.shape[0], dtype=f32)
+        log_beta = float(log_beta)
+        hi = f32(1 - 1e-6)
         b1, b2, eps = 0.9, 0.999, 1e-8
-        params = [W, b, log_beta]
-        m1 = [torch.zeros_like(p) for p in params]
-        m2 = [torch.zeros_like(p) for p in params]
-        fit = torch.tensor(float("nan"))
+        m1 = [np.zeros_like(W), np.zeros_like(b), 0.0]
+        m2 = [np.zeros_like(W), np.zeros_like(b), 0.0]
+        C, theta, E, gC = (np.empty((n, n), dtype=f32) for _ in range(4))
+        theta_t = torch.from_numpy(theta)
+        C_t = torch.from_numpy(C)
+        inside = np.empty((n, n), dtype=bool)
+        zT, g_znT = np.empty((W.shape[0], n), dtype=f32), np.empty((W.shape[0], n), dtype=f32)
+        fit = float("nan")
         for t in range(1, self.epochs + 1):
-            # z = (x - b) W^T without forming x - b (its [anchors, rank] passes cost as much as the pair ones)
-            z = Xt @ W.T - W @ b
-            norm = z.norm(dim=1, keepdim=True)
-            nc = norm.clamp(min=1e-8)
-            zn = z / nc
-            C = zn @ zn.T
-            inside = C.abs().le_(hi)  # 1 where clamp(-hi, hi) passes the gradient on
-            C.clamp_(-hi, hi)
-            theta = torch.arccos(C)
-            beta = log_beta.exp()
-            E = torch.addcmul(neg_T, theta, maskf, value=float(beta))  # masked residual of the ruler fit
-            Ev = E.view(-1)
-            fit = torch.dot(Ev, Ev) / (2 * n_pairs)
-            g_log_beta = beta / n_pairs * torch.dot(Ev, theta.view(-1))
-            # d/dC of beta * arccos(C) = -beta / sqrt(1 - C^2); the constant factors are applied after the products
-            gC = torch.addcmul(ones, C, C, value=-1.0).rsqrt_().mul_(E).mul_(inside)
-            g_zn = (gC @ zn) * (-float(beta) * 2.0 / n_pairs)
-            gz = (g_zn - zn * (zn * g_zn).sum(1, keepdim=True) * (norm >= 1e-8)) / nc
+            # z^T = W (x - b)^T without forming x - b (its [anchors, rank] passes cost as much as the pair ones)
+            np.matmul(W, XT, out=zT)
+            zT -= (W @ b)[:, None]
+            norm = np.sqrt(np.einsum("ij,ij->j", zT, zT))
+            nc = np.maximum(norm, f32(1e-8))
+            znT = zT / nc
+            np.matmul(znT.T, znT, out=C)
+            np.fill_diagonal(C, 0.0)  # the fit never reads the diagonal (masked residual, zero gradient)
+            clamped = bool(C.min() < -hi) or bool(C.max() > hi)
+            if clamped:  # d clamp / dC = 1 where (-hi, hi) passes the value on, else 0
+                np.less_equal(np.abs(C, out=gC), hi, out=inside)
+                np.clip(C, -hi, hi, out=C)
+            torch.acos(C_t, out=theta_t)
+            beta = float(np.exp(log_beta))
+            np.multiply(theta, f32(beta), out=E)
+            E += neg_T  # the residual of the ruler fit, both triangles
+            np.fill_diagonal(E, 0.0)
+            Ev = E.ravel()
+            fit = float(np.dot(Ev, Ev)) / (2 * n_pairs)
+            g_log_beta = beta / n_pairs * float(np.dot(Ev, theta.ravel()))
+            # d/dC of beta * arccos(C) = -beta / sqrt(1 - C^2); the constant factors are applied after the product
+            np.multiply(C, C, out=gC)
+            np.subtract(f32(1.0), gC, out=gC)
+            np.sqrt(gC, out=gC)
+            np.divide(E, gC, out=gC)
+            if clamped:
+                gC *= inside
+            np.matmul(znT, gC, out=g_znT)  # gC is symmetric
+            g_znT *= f32(-beta * 2.0 / n_pairs)
+            gzT = (g_znT - znT * np.einsum("ij,ij->j", znT, g_znT) * (norm >= 1e-8)) / nc
             # reconstruction ||z W - (x - b)||^2 * alpha / (n G), differentiated through z and W directly
-            gz = gz + c_rec * (z @ (W @ W.T - eye))
-            zs, gzs = z.sum(0), gz.sum(0)
-            h = gz - c_rec * z  # one product with x serves both terms of the weights' gradient
-            gW = h.T @ Xt - torch.outer(h.sum(0), b) + c_rec * ((z.T @ z) @ W)
-            gb = -(gzs @ W) + c_rec * (zs @ W - col_sum + n * b)
+            gzT += c_rec * ((W @ W.T - eye) @ zT)
+            hT = gzT - c_rec * zT  # one product with x serves both terms of the weights' gradient
+            gW = hT @ X - np.outer(hT.sum(1), b) + c_rec * ((zT @ zT.T) @ W)
+            gb = -(gzT.sum(1) @ W) + c_rec * (zT.sum(1) @ W - col_sum + n * b)
             bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-            for p, g, mm, vv in zip(params, (gW, gb, g_log_beta), m1, m2):
-                mm.mul_(b1).add_(g, alpha=1 - b1)
-                vv.mul_(b2).addcmul_(g, g, value=1 - b2)
-                p.addcdiv_(mm, (vv.sqrt() / np.sqrt(bc2)).add_(eps), value=-self.lr / bc1)
-        self.W, self.b = W.numpy().copy(), b.numpy().copy()
-        self.beta = float(log_beta.exp())
-        self.final_fit_loss = float(fit)
+            grads = (gW, gb, g_log_beta)
+            for i in range(3):
+                m1[i] = m1[i] * b1 + grads[i] * (1 - b1)
+                m2[i] = m2[i] * b2 + grads[i] * grads[i] * (1 - b2)
+            W = W - (self.lr / bc1) * m1[0] / (np.sqrt(m2[0]) / math.sqrt(bc2) + eps)
+            b = b - (self.lr / bc1) * m1[1] / (np.sqrt(m2[1]) / math.sqrt(bc2) + eps)
+            log_beta = log_beta - (self.lr / bc1) * m1[2] / (np.sqrt(m2[2]) / math.sqrt(bc2) + eps)
+        self.W, self.b = W.astype(f32), b.astype(f32)
+        self.beta = float(np.exp(log_beta))
+        self.final_fit_loss = fit
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:
@@ -280,6 +307,45 @@ class LETModel:
     def angular_distances(self, Z: np.ndarray) -> np.ndarray:
         zn = Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-8)
         return self.beta * np.arccos(np.clip(zn @ zn.T, -1, 1))
+
+
+def _euclidean_into(X: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Pairwise Euclidean distances of the rows of X written into ``out`` (scikit-learn's formula for X against
+    itself: squared norms minus twice the Gram matrix, clipped at 0, zero diagonal)."""
+    sq = np.einsum("ij,ij->i", X, X)
+    np.matmul(X * -2.0, X.T, out=out)
+    out += sq[:, None]
+    out += sq[None, :]
+    np.maximum(out, 0.0, out=out)
+    np.fill_diagonal(out, 0.0)
+    return np.sqrt(out, out=out)
+
+
+def smacof_metric(D: np.ndarray, init: np.ndarray, *, max_iter: int = 100, eps: float = 1e-6) -> np.ndarray:
+    """Metric SMACOF from ``init``: the Guttman-transform iteration and stopping rule of scikit-learn's
+    ``smacof(D, metric=True, n_init=1, init=init, max_iter=max_iter, eps=eps)`` (zero distances read as 1e-5;
+    stop when the stress falls by less than ``eps`` of half the squared distances), written into buffers allocated
+    once instead of several fresh anchors x anchors arrays per iteration; the same configuration to float rounding
+    (tests/test_manifold.py)."""
+    n = len(D)
+    X = np.array(init, dtype=np.float64)
+    dist, work = np.empty((n, n)), np.empty((n, n))
+    _euclidean_into(X, dist)
+    diag = np.arange(n)
+    neg_D = -np.asarray(D, dtype=np.float64)
+    old_stress = None
+    for _ in range(max_iter):
+        np.copyto(dist, 1e-5, where=dist == 0)
+        np.divide(neg_D, dist, out=work)  # minus the ratio; B = diag(row sums of the ratio) - ratio
+        work[diag, diag] -= work.sum(1)
+        X = (work @ X) / n
+        _euclidean_into(X, dist)
+        np.subtract(dist, D, out=work)
+        stress = float(np.dot(work.ravel(), work.ravel())) / 2
+        if old_stress is not None and (old_stress - stress) / (float(np.dot(dist.ravel(), dist.ravel())) / 2) < eps:
+            break
+        old_stress = stress
+    return X
 
 
 def fit_manifold(F: np.ndarray, fitter: str, *, d: int = 10, ruler: np.ndarray | None = None, k: int = 15,
@@ -307,8 +373,7 @@ def fit_manifold(F: np.ndarray, fitter: str, *, d: int = 10, ruler: np.ndarray |
         vals, vecs = np.linalg.eigh(Bm)
         order = np.argsort(vals)[::-1][:d_eff]
         init = vecs[:, order] * np.sqrt(np.maximum(vals[order], 1e-12))
-        Z, _ = smacof(Dg, n_components=d_eff, init=init, n_init=1, max_iter=100, metric=True,
-                      random_state=seed, normalized_stress="auto")
+        Z = smacof_metric(Dg, init, max_iter=100)
         return FittedManifold(fitter, Z, mu, sd, None, X, Dg)
     if ruler is None:
         raise InputError("the LET fitter needs the ruler between anchors")
