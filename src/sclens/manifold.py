@@ -219,20 +219,20 @@ class LETModel:
 
     def _fit_fused(self, Xt, target, mask, W, b, log_beta, G: int) -> "LETModel":
         """The same objective, initialisation and Adam steps (torch's update formula) with the gradient written out:
-        about a third of the passes over the anchors x anchors matrices that autograd makes, into buffers allocated
-        once (a fresh anchors x anchors array per step costs page faults comparable to the arithmetic). Float32
-        numpy does the products and the small steps (torch's products with a 10-column factor and its per-call
-        overhead on small arrays cost several times more); torch computes the arccos (vectorised; numpy's is not).
-        The clamp of the cosines is checked with one min/max pass and applied only when a pair leaves
-        (-1 + 1e-6, 1 - 1e-6) (near-duplicate latent directions); the diagonal, which the fit masks out, is set to 0
-        so it never triggers it. Float rounding differs from the autograd path, and Adam can magnify it in
-        coordinates whose gradient is near zero: fits agree to ~1e-6 on well-conditioned problems, to ~1e-2 in the
-        weights on small ones (tests/test_manifold.py)."""
+        about a third of the passes over the anchors x anchors matrices that autograd makes, into three buffers
+        allocated once (a fresh anchors x anchors array per step costs page faults comparable to the arithmetic).
+        The latent is kept as [d, anchors] and numpy (float32) does the products and the small steps (torch's
+        products with a 10-column factor and its per-call overhead on small arrays cost several times more); torch
+        does the arccos (vectorised; numpy's is not) and the fused elementwise passes, on the same memory. The clamp
+        of the cosines is checked with one min/max pass and applied only when a pair leaves (-1 + 1e-6, 1 - 1e-6)
+        (near-duplicate latent directions); the diagonal, which the fit masks out, is set to 0 so it never triggers
+        it. Float rounding differs from the autograd path, and Adam can magnify it in coordinates whose gradient is
+        near zero: fits agree to ~1e-6 on well-conditioned problems, to ~1e-2 in the weights on small ones
+        (tests/test_manifold.py)."""
         import torch
 
         f32 = np.float32
         X = Xt.numpy()  # [n, k]
-        XT = np.ascontiguousarray(X.T)
         n = X.shape[0]
         n_pairs = float(mask.sum())  # each pair once; both triangles are used below, so each is counted twice
         neg_T = (target * mask).numpy()
@@ -246,40 +246,41 @@ class LETModel:
         b1, b2, eps = 0.9, 0.999, 1e-8
         m1 = [np.zeros_like(W), np.zeros_like(b), 0.0]
         m2 = [np.zeros_like(W), np.zeros_like(b), 0.0]
-        C, theta, E, gC = (np.empty((n, n), dtype=f32) for _ in range(4))
-        theta_t = torch.from_numpy(theta)
-        C_t = torch.from_numpy(C)
-        inside = np.empty((n, n), dtype=bool)
+        # three anchors x anchors buffers (two workers' working sets then fit the shared cache): the cosines C, the
+        # angles (later the gradient wrt C, once the angles are used), the residual E
+        C, theta, E = (np.empty((n, n), dtype=f32) for _ in range(3))
+        C_t, theta_t, E_t = map(torch.from_numpy, (C, theta, E))
+        neg_T_t = torch.from_numpy(neg_T)
+        one = torch.ones((), dtype=torch.float32).expand(n, n)
+        inside = None
         zT, g_znT = np.empty((W.shape[0], n), dtype=f32), np.empty((W.shape[0], n), dtype=f32)
         fit = float("nan")
         for t in range(1, self.epochs + 1):
             # z^T = W (x - b)^T without forming x - b (its [anchors, rank] passes cost as much as the pair ones)
-            np.matmul(W, XT, out=zT)
+            np.matmul(W, X.T, out=zT)
             zT -= (W @ b)[:, None]
             norm = np.sqrt(np.einsum("ij,ij->j", zT, zT))
             nc = np.maximum(norm, f32(1e-8))
             znT = zT / nc
             np.matmul(znT.T, znT, out=C)
             np.fill_diagonal(C, 0.0)  # the fit never reads the diagonal (masked residual, zero gradient)
-            clamped = bool(C.min() < -hi) or bool(C.max() > hi)
+            lo, up = torch.aminmax(C_t)
+            clamped = bool(lo < -hi) or bool(up > hi)
             if clamped:  # d clamp / dC = 1 where (-hi, hi) passes the value on, else 0
-                np.less_equal(np.abs(C, out=gC), hi, out=inside)
-                np.clip(C, -hi, hi, out=C)
+                inside = torch.abs(C_t).le_(float(hi))
+                C_t.clamp_(-float(hi), float(hi))
             torch.acos(C_t, out=theta_t)
             beta = float(np.exp(log_beta))
-            np.multiply(theta, f32(beta), out=E)
-            E += neg_T  # the residual of the ruler fit, both triangles
+            torch.add(neg_T_t, theta_t, alpha=beta, out=E_t)  # the residual of the ruler fit, both triangles
             np.fill_diagonal(E, 0.0)
             Ev = E.ravel()
             fit = float(np.dot(Ev, Ev)) / (2 * n_pairs)
             g_log_beta = beta / n_pairs * float(np.dot(Ev, theta.ravel()))
             # d/dC of beta * arccos(C) = -beta / sqrt(1 - C^2); the constant factors are applied after the product
-            np.multiply(C, C, out=gC)
-            np.subtract(f32(1.0), gC, out=gC)
-            np.sqrt(gC, out=gC)
-            np.divide(E, gC, out=gC)
+            gC_t = torch.addcmul(one, C_t, C_t, value=-1.0, out=theta_t).rsqrt_().mul_(E_t)
             if clamped:
-                gC *= inside
+                gC_t.mul_(inside)
+            gC = theta
             np.matmul(znT, gC, out=g_znT)  # gC is symmetric
             g_znT *= f32(-beta * 2.0 / n_pairs)
             gzT = (g_znT - znT * np.einsum("ij,ij->j", znT, g_znT) * (norm >= 1e-8)) / nc

@@ -105,10 +105,16 @@ def test_intervention_changes_output_and_hooks_are_removed(tiny_model, batch):
 
 
 def test_reduce_sum_equals_sum_of_cached(tiny_model, batch):
-    name = "blocks.0.attn.hook_pattern"
-    full = tiny_model.run_with_cache(batch, [name], batch_size=4, progress=False)[name]
-    summed = tiny_model.run_with_cache(batch, [name], batch_size=4, progress=False, reduce="sum")[name]
-    torch.testing.assert_close(full.sum(0), summed, atol=1e-5, rtol=1e-5)
+    """reduce="sum" on the patterns goes through the attention's running sum (the batched pattern is never formed):
+    the same sums, and the same forward pass (the next layer's input), pads included."""
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(tiny_model.n_layers)] + ["blocks.1.hook_resid_pre"]
+    full = tiny_model.run_with_cache(batch, names, batch_size=4, progress=False)
+    summed = tiny_model.run_with_cache(batch, names, batch_size=4, progress=False, reduce="sum")
+    for name in names:
+        torch.testing.assert_close(full[name].sum(0), summed[name], atol=1e-5, rtol=1e-5)
+    assert all(block.attn.pattern_sum is None for block in tiny_model.blocks)
+    cut = tiny_model.run_with_cache(batch, names[:2], batch_size=4, progress=False, reduce="sum", stop_at_layer=1)
+    assert list(cut) == names[:1]  # a layer that does not run leaves no entry, as with hooks
 
 
 def test_cell_embeddings_are_unit_norm(tiny_model, batch):

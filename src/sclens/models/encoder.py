@@ -105,6 +105,17 @@ class HookedEncoder(HookedRootModule):
         self.eval()
         store: dict[str, list[torch.Tensor] | torch.Tensor] = {}
         current: list[TokenBatch] = []
+        # summed attention patterns: the attention modules that can keep the running sum themselves do (the batched
+        # pattern is then never formed); the others go through their hook
+        summing = {}
+        if reduce == "sum":
+            for name in wanted:
+                parts = name.split(".")
+                if (len(parts) == 4 and parts[0] == "blocks" and parts[2:] == ["attn", "hook_pattern"]
+                        and (stop_at_layer is None or int(parts[1]) < stop_at_layer)):
+                    attn = self.blocks[int(parts[1])].attn
+                    if hasattr(attn, "pattern_sum"):
+                        summing[name] = attn
 
         def make_hook(name: str):
             def hook(act, hp):
@@ -113,17 +124,27 @@ class HookedEncoder(HookedRootModule):
                     store.setdefault(name, []).append(a.cpu())
                 else:
                     r = a.sum(0) if reduce == "sum" else reduce(name, a, current[0])
-                    store[name] = store[name] + r.cpu() if name in store else r.cpu().clone()
+                    if name in store:
+                        store[name].add_(r.cpu())  # the running sum is ours (cloned below): add in place
+                    else:
+                        store[name] = r.cpu().clone()
             return hook
 
+        S = batch.gene_ids.shape[1]
+        for attn in summing.values():
+            attn.pattern_sum = torch.zeros(attn.H, S, S, device=self.device)
         try:
-            with self.hooks([(n, make_hook(n)) for n in wanted]):
+            with self.hooks([(n, make_hook(n)) for n in wanted if n not in summing]):
                 for start in tqdm(range(0, len(batch), batch_size), disable=not progress,
                                   desc="running model", unit="batch"):
                     b = batch[start : start + batch_size].to(self.device)
                     current[:] = [b]
                     self(b.gene_ids, b.values, b.padding_mask, stop_at_layer=stop_at_layer)
+            for name, attn in summing.items():
+                store[name] = attn.pattern_sum.cpu()
         finally:
+            for attn in summing.values():
+                attn.pattern_sum = None
             self.train(was_training)
         return ActivationCache({k: (torch.cat(v) if isinstance(v, list) else v) for k, v in store.items()})
 

@@ -101,6 +101,8 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(E, E)
         nn.init.xavier_uniform_(self.in_proj_weight)
         self.attn_dropout = cfg.dropout
+        # a [H, S, S] running sum of the attention patterns, set by HookedEncoder.run_with_cache(reduce="sum")
+        self.pattern_sum: torch.Tensor | None = None
         for n in ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z", "hook_result"):
             setattr(self, n, HookPoint())
 
@@ -115,6 +117,8 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = (t.view(B, S, self.H, self.dh) for t in qkv.split(E, dim=-1))
         drop = self.attn_dropout if self.training else 0.0
+        if self.pattern_sum is not None and not self.training and not self._internal_hooks_active():
+            return self.out_proj(self._attend_summing_patterns(q, k, v, pad).reshape(B, S, E))
         if not self._internal_hooks_active():
             keep = None if pad is None else (~pad)[:, None, None, :]
             z = F.scaled_dot_product_attention(
@@ -136,6 +140,26 @@ class Attention(nn.Module):
             result = self.hook_result(torch.einsum("bihd,hdD->bihD", z, W_O))
             return result.sum(dim=2) + self.out_proj.bias
         return self.out_proj(z.reshape(B, S, E))
+
+    def _attend_summing_patterns(self, q, k, v, pad) -> torch.Tensor:
+        """Softmax attention one (cell, head) at a time, each pattern added to ``pattern_sum`` [H, S, S]: the batched
+        [B, H, S, S] scores and pattern are never formed, so each pattern stays in cache between its softmax, its
+        sum and its product with the values (~2.5x faster than the batched path on 2 CPU cores at S = 1,201). The
+        same products as the batched path: the same output (tests/models/test_hooks.py); the running sum differs
+        from summing the batched pattern only in the order of additions."""
+        B, S = q.shape[:2]
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, dh] views
+        z = q.new_empty(B, self.H, S, self.dh)
+        scale = math.sqrt(self.dh)
+        for h in range(self.H):  # heads outside: the head's running sum stays in cache over the batch's cells
+            for b in range(B):
+                scores = torch.mm(qt[b, h], kt[b, h].T).div_(scale)
+                if pad is not None:
+                    scores.masked_fill_(pad[b][None, :], float("-inf"))
+                pattern = torch.softmax(scores, dim=-1)
+                self.pattern_sum[h].add_(pattern)
+                torch.mm(pattern, vt[b, h], out=z[b, h])
+        return z.transpose(1, 2)
 
 
 class MLP(nn.Module):
