@@ -148,3 +148,18 @@ def test_smacof_metric_is_scikit_learns_iteration(n, dup):
         Z = smacof_metric(D, init, max_iter=max_iter, eps=eps)
         np.testing.assert_allclose(Z, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
     assert it < 300  # the stopping rule fired, and at the same step (else the configurations would differ)
+
+
+def test_trustworthiness_with_the_feature_side_cached_is_scikit_learns():
+    from sklearn.manifold import trustworthiness as sk
+
+    rng = np.random.default_rng(3)
+    F = rng.normal(size=(90, 30))
+    F[5] = F[4]  # a tie in the feature-space distances
+    cache: dict = {}
+    for d in (2, 5):
+        Z = F[:, :d] + rng.normal(scale=0.3, size=(90, d))
+        for k in (5, 15):
+            assert trustworthiness(F, Z, k, cache) == pytest.approx(sk(F, Z, n_neighbors=k), abs=1e-12)
+    assert len(cache) == 1  # one ranking of F served every embedding and k
+    assert np.isnan(trustworthiness(F[:2], Z[:2], 5, cache))

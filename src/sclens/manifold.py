@@ -28,6 +28,7 @@ import numpy as np
 from scipy.sparse.csgraph import connected_components, shortest_path
 from scipy.stats import rankdata, spearmanr
 from sklearn.manifold import trustworthiness as _sk_trustworthiness
+from sklearn.metrics import pairwise_distances
 from sklearn.neighbors import NearestNeighbors, kneighbors_graph
 
 from .errors import InputError
@@ -68,11 +69,28 @@ def residualized_spearman(D: np.ndarray, R: np.ndarray, donors, tissues) -> floa
     return _RulerPairs(R, donors, tissues).residualized(rankdata(upper(D)))
 
 
-def trustworthiness(F: np.ndarray, Z: np.ndarray, k: int = 15) -> float:
-    k = min(k, (len(F) - 1) // 2)
+def trustworthiness(F: np.ndarray, Z: np.ndarray, k: int = 15, cache: dict | None = None) -> float:
+    """scikit-learn's trustworthiness of the embedding Z of F (k neighbours, capped below half the anchors).
+
+    ``cache`` (a dict shared by the fits of one featurisation) keeps F's side, the rank of every anchor among each
+    anchor's neighbours in feature space, so that the fitters of the same anchors rank F once; the value is
+    scikit-learn's (the same distances, order and formula)."""
+    n = len(F)
+    k = min(k, (n - 1) // 2)
     if k < 1:
         return float("nan")
-    return float(_sk_trustworthiness(F, Z, n_neighbors=k))
+    if cache is None:
+        return float(_sk_trustworthiness(F, Z, n_neighbors=k))
+    key = _cache_key("trust_ranks", F)
+    if key not in cache:
+        dist = pairwise_distances(F)
+        np.fill_diagonal(dist, np.inf)
+        rank_of = np.empty((n, n), dtype=np.int32)  # rank_of[i, j]: j's place among i's neighbours, from 1
+        np.put_along_axis(rank_of, np.argsort(dist, axis=1), np.arange(1, n + 1, dtype=np.int32)[None, :], axis=1)
+        cache[key] = rank_of
+    near = NearestNeighbors(n_neighbors=k).fit(Z).kneighbors(return_distance=False)
+    ranks = np.take_along_axis(cache[key], near, axis=1).astype(np.int64) - k
+    return float(1.0 - ranks[ranks > 0].sum() * (2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0))))
 
 
 def _cache_key(tag: str, X: np.ndarray, *extra) -> tuple:
@@ -705,13 +723,15 @@ def _ruler_pairs(R: np.ndarray, donors, tissues) -> _RulerPairs:
     return _RULER_PAIRS[key]
 
 
-def _full_metrics(m: FittedManifold, R: np.ndarray, donors, tissues, k: int) -> tuple[dict, np.ndarray]:
-    """The full fit's statistics (as :func:`evaluate` computes them) and the latent distances' pair ranks."""
+def _full_metrics(m: FittedManifold, R: np.ndarray, donors, tissues, k: int,
+                  cache: dict | None = None) -> tuple[dict, np.ndarray]:
+    """The full fit's statistics (as :func:`evaluate` computes them) and the latent distances' pair ranks
+    (``cache``: :func:`trustworthiness`'s)."""
     rp = _ruler_pairs(R, donors, tissues)
     d = upper(latent_distances(m, m.Z))
     ranks = rankdata(d)
-    res = {"trustworthiness": trustworthiness(m.train_scaled, m.Z, k), "ruler_spearman": rp.spearman(d, ranks),
-           "ruler_spearman_resid": rp.residualized(ranks)}
+    res = {"trustworthiness": trustworthiness(m.train_scaled, m.Z, k, cache),
+           "ruler_spearman": rp.spearman(d, ranks), "ruler_spearman_resid": rp.residualized(ranks)}
     if m.geodesic is not None:
         g = upper(m.geodesic)
         res["geodesic_spearman"] = rp.spearman(g, rankdata(g))
@@ -774,7 +794,7 @@ def evaluate_staged(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, np
 
     if fitter != "let":  # one fit per fold serves every ruler: a null costs only its scores
         m = fit_manifold(F, fitter, **kw)
-        res, ranks = _full_metrics(m, rulers[names[0]], donors, tissues, k)
+        res, ranks = _full_metrics(m, rulers[names[0]], donors, tissues, k, kw["fit_cache"])
         out[names[0]].update(res, latent_dim=int(m.Z.shape[1]))
         a = _standardised(ranks)
         failed = fails("trustworthiness", out[names[0]]["trustworthiness"], names[0])
@@ -791,7 +811,7 @@ def evaluate_staged(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, np
             if failed:
                 out[name], skipped[name] = {}, ["*"]
             else:
-                out[name].update(_full_metrics(m, rulers[name], donors, tissues, k)[0])
+                out[name].update(_full_metrics(m, rulers[name], donors, tissues, k, kw["fit_cache"])[0])
                 perm[name] = ("all", a)
         return out, skipped, stopped, perm
 
@@ -801,7 +821,7 @@ def evaluate_staged(F: np.ndarray, anchors, fitter: str, *, rulers: dict[str, np
 
         def full():
             m = fit_manifold(F, fitter, ruler=R, **kw)
-            res.update(_full_metrics(m, R, donors, tissues, k)[0])
+            res.update(_full_metrics(m, R, donors, tissues, k, kw["fit_cache"])[0])
             res["latent_dim"] = int(m.Z.shape[1])
             return fails("trustworthiness", res["trustworthiness"], name)
 
