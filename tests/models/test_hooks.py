@@ -115,6 +115,10 @@ def test_reduce_sum_equals_sum_of_cached(tiny_model, batch):
     assert all(block.attn.pattern_sum is None for block in tiny_model.blocks)
     cut = tiny_model.run_with_cache(batch, names[:2], batch_size=4, progress=False, reduce="sum", stop_at_layer=1)
     assert list(cut) == names[:1]  # a layer that does not run leaves no entry, as with hooks
+    # beside another hook of the same attention (the batched path runs), the running sum is still kept
+    both = tiny_model.run_with_cache(batch, [names[0], "blocks.0.attn.hook_q"], batch_size=4, progress=False,
+                                     reduce="sum")
+    torch.testing.assert_close(both[names[0]], summed[names[0]], atol=1e-5, rtol=1e-5)
 
 
 def test_cell_embeddings_are_unit_norm(tiny_model, batch):

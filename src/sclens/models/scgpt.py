@@ -132,6 +132,8 @@ class Attention(nn.Module):
             scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
+        if self.pattern_sum is not None:  # a running sum asked for beside other internal hooks
+            self.pattern_sum.add_(pattern.sum(0))
         if drop:
             pattern = F.dropout(pattern, drop)
         z = self.hook_z(torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2))
