@@ -65,8 +65,9 @@ def spearman_pairs(D: np.ndarray, R: np.ndarray) -> float:
 
 
 def residualized_spearman(D: np.ndarray, R: np.ndarray, donors, tissues) -> float:
-    """Partial Spearman of latent distance and ruler given same-donor and same-tissue pair indicators."""
-    return _RulerPairs(R, donors, tissues).residualized(rankdata(upper(D)))
+    """Partial Spearman of latent distance and ruler given same-donor and same-tissue pair indicators (the ruler's
+    side is kept per process for the next call with the same ruler and groups)."""
+    return _ruler_pairs(R, donors, tissues).residualized(rankdata(upper(D)))
 
 
 def trustworthiness(F: np.ndarray, Z: np.ndarray, k: int = 15, cache: dict | None = None) -> float:
@@ -308,13 +309,12 @@ class LETModel:
             gW = hT @ X - np.outer(hT.sum(1), b) + c_rec * ((zT @ zT.T) @ W)
             gb = -(gzT.sum(1) @ W) + c_rec * (zT.sum(1) @ W - col_sum + n * b)
             bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-            grads = (gW, gb, g_log_beta)
-            for i in range(3):
-                m1[i] = m1[i] * b1 + grads[i] * (1 - b1)
-                m2[i] = m2[i] * b2 + grads[i] * grads[i] * (1 - b2)
-            W = W - (self.lr / bc1) * m1[0] / (np.sqrt(m2[0]) / math.sqrt(bc2) + eps)
-            b = b - (self.lr / bc1) * m1[1] / (np.sqrt(m2[1]) / math.sqrt(bc2) + eps)
-            log_beta = log_beta - (self.lr / bc1) * m1[2] / (np.sqrt(m2[2]) / math.sqrt(bc2) + eps)
+            params = [W, b, log_beta]
+            for i, g in enumerate((gW, gb, g_log_beta)):
+                m1[i] = m1[i] * b1 + g * (1 - b1)
+                m2[i] = m2[i] * b2 + g * g * (1 - b2)
+                params[i] = params[i] - (self.lr / bc1) * m1[i] / (np.sqrt(m2[i]) / math.sqrt(bc2) + eps)
+            W, b, log_beta = params
         self.W, self.b = W.astype(f32), b.astype(f32)
         self.beta = float(np.exp(log_beta))
         self.final_fit_loss = fit
@@ -619,8 +619,8 @@ def learned_statistic(F: np.ndarray, anchors, fitter: str, metric: str, *, ruler
     kw = dict(d=d, k=k, seed=seed, let_epochs=let_epochs, let_engine=let_engine, fit_cache=fit_cache)
     if metric == "ruler_spearman_resid":
         m = fit_manifold(F, fitter, ruler=ruler, **kw)
-        rp = _ruler_pairs(ruler, anchors.obs["donor"].to_numpy(), anchors.obs["tissue"].to_numpy())
-        return rp.residualized(rankdata(upper(latent_distances(m, m.Z))))  # = residualized_spearman(...)
+        return residualized_spearman(latent_distances(m, m.Z), ruler, anchors.obs["donor"].to_numpy(),
+                                     anchors.obs["tissue"].to_numpy())
     if metric == "holdout_random":
         return holdout_spearman(F, {"ruler": ruler}, fitter, [random_holdout_mask(len(F), seed)], **kw)["ruler"]
     raise InputError(f"the learned gate's metric must be ruler_spearman_resid or holdout_random, got {metric!r}")

@@ -109,13 +109,11 @@ class HookedEncoder(HookedRootModule):
         # pattern is then never formed); the others go through their hook
         summing = {}
         if reduce == "sum":
-            for name in wanted:
-                parts = name.split(".")
-                if (len(parts) == 4 and parts[0] == "blocks" and parts[2:] == ["attn", "hook_pattern"]
-                        and (stop_at_layer is None or int(parts[1]) < stop_at_layer)):
-                    attn = self.blocks[int(parts[1])].attn
-                    if hasattr(attn, "pattern_sum"):
-                        summing[name] = attn
+            runs = {id(block.attn) for block in list(self.blocks)[:stop_at_layer]}  # a layer not run leaves no entry
+            for name in (n for n in wanted if n.endswith(".hook_pattern")):
+                owner = self.get_submodule(name.rsplit(".", 1)[0])
+                if hasattr(owner, "pattern_sum") and id(owner) in runs:
+                    summing[name] = owner
 
         def make_hook(name: str):
             def hook(act, hp):
