@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .data import GenePanel, iter_chunks, require_obs_columns
 from .errors import InputError
@@ -127,7 +128,10 @@ def build_anchors(
         keep = own >= 0
         if keep.any():
             x = panel.transform(X[np.flatnonzero(keep)] if keep.sum() < len(own) else X, idx)
-            np.add.at(sums, own[keep], x)
+            # each anchor's cells added in cell order (a one-hot sparse product: np.add.at is ~10x slower)
+            onehot = sp.csr_matrix((np.ones(int(keep.sum())), (own[keep], np.arange(int(keep.sum())))),
+                                   shape=(len(rows), len(x)))
+            sums += onehot @ x
     table = pd.DataFrame(rows)
     centroids = (sums / table["n_cells"].to_numpy()[:, None]).astype(np.float32)
     info = {"label_key": label_key, "donor_key": donor_key, "tissue_key": tissue_key, "min_cells": min_cells,
