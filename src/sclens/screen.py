@@ -304,6 +304,10 @@ def _run_control_job(job, anchors, bank, fitters, metrics, ruler, d, k, seed, le
     return [{**r, "metric": metrics[r["fitter"]], "value": r.get("value", float("nan"))} for r in rows]
 
 
+def _wide_jobs_first(job) -> bool:
+    return not (job[0] == "raw" or job[0].startswith("drift:"))
+
+
 def _feature_jobs(banks: dict, units, include_drift: bool) -> tuple[list[tuple[str, int, int]], list[str]]:
     jobs, skipped = [], []
     for kind, bank in banks.items():
@@ -451,6 +455,10 @@ def screen(
     if include_raw:
         jobs.append(("raw", -1, -1))
     control_jobs = [(feat, l, h, ci) for ci, c in enumerate(controls) for (feat, l, h) in _feature_jobs(c, units, include_drift)[0]]
+    # the widest featurisations (a drift: two operators' features side by side; the raw panel) are among the
+    # slowest jobs: submitted first, none of them is the last one running while the other workers idle
+    jobs.sort(key=_wide_jobs_first)
+    control_jobs.sort(key=_wide_jobs_first)
     config = {"fitters": fitters, "d": d, "k": k, "seed": seed, "null_seed": null_seed, "let_epochs": let_epochs,
               "exact": bool(exact),
               "n_jobs": n_jobs, "anchors_sha256": array_sha256(anchors.X, anchors.obs["stage"].to_numpy()),
