@@ -3,8 +3,8 @@ import pytest
 
 from sclens.errors import InputError
 from sclens.manifold import (LETModel, PermutationDesign, blocked_permutation_p, fit_manifold, knn_geodesic, pdist,
-                             residualized_spearman, smacof_metric, spearman_pairs, standardised_pair_ranks,
-                             trustworthiness, twonn_dimension)
+                             residualized_spearman, row_space_basis, smacof_metric, spearman_pairs,
+                             standardised_pair_ranks, trustworthiness, twonn_dimension)
 
 
 def test_spearman_pairs_known_values():
@@ -98,11 +98,16 @@ def test_permutation_p_design_path_equals_the_pair_path(case):
                                       exact=True)
         assert fast == exact
         # the batched design (the screen's default path) gives the same, several latents at once
-        design = PermutationDesign(sidx, stage_ruler, blocks, n_perm=n_perm, seed=case, stop_after=stop)
-        batch = design.p_values(np.stack([standardised_pair_ranks(D), standardised_pair_ranks(D[::-1, ::-1])]))
-        assert batch[0] == exact
-        assert batch[1] == blocked_permutation_p(D[::-1, ::-1], sidx, stage_ruler, blocks, n_perm=n_perm, seed=case,
-                                                 stop_after=stop, exact=True)
+        # (with the relabellings' ranks kept by the design, and gathered per batch when they would not fit)
+        flipped = blocked_permutation_p(D[::-1, ::-1], sidx, stage_ruler, blocks, n_perm=n_perm, seed=case,
+                                        stop_after=stop, exact=True)
+        for cache_bytes in (4e9, 0):
+            design = PermutationDesign(sidx, stage_ruler, blocks, n_perm=n_perm, seed=case, stop_after=stop,
+                                       cache_bytes=cache_bytes)
+            assert (design._cached_ranks(1) is None) == (cache_bytes == 0)
+            for _ in range(2):  # a second batch reuses the kept ranks
+                batch = design.p_values(np.stack([standardised_pair_ranks(D), standardised_pair_ranks(D[::-1, ::-1])]))
+                assert batch == [exact, flipped]
 
 
 def test_permutation_design_rejects_a_latent_of_another_size():
@@ -163,3 +168,33 @@ def test_trustworthiness_with_the_feature_side_cached_is_scikit_learns():
             assert trustworthiness(F, Z, k, cache) == pytest.approx(sk(F, Z, n_neighbors=k), abs=1e-12)
     assert len(cache) == 1  # one ranking of F served every embedding and k
     assert np.isnan(trustworthiness(F[:2], Z[:2], 5, cache))
+
+
+def _svd_basis(X):
+    _, S, Vt = np.linalg.svd(X, full_matrices=False)
+    V = Vt[S > S[0] * 1e-7]
+    return V * np.where(V[np.arange(len(V)), np.abs(V).argmax(1)] < 0, -1.0, 1.0)[:, None]
+
+
+@pytest.mark.parametrize("case", ["centred", "uncentred", "low_rank", "tall"])
+def test_row_space_basis_is_the_svds_with_canonical_signs_whichever_route(case, monkeypatch):
+    rng = np.random.default_rng(3)
+    n, G = (40, 12) if case == "tall" else (40, 90)
+    X = rng.normal(size=(n, G)) * np.linspace(1, 30, G)
+    if case == "low_rank":  # rank 6 plus float32 rounding noise near the cut: the SVD decides
+        X = (rng.normal(size=(n, 6)) @ rng.normal(size=(6, G))).astype(np.float32).astype(np.float64)
+    if case in ("centred", "low_rank"):
+        X = (X - X.mean(0)) / X.std(0)
+    svd_calls = []
+    real_svd = np.linalg.svd
+    monkeypatch.setattr(np.linalg, "svd", lambda *a, **k: svd_calls.append(1) or real_svd(*a, **k))
+    V, coords = row_space_basis(X)
+    monkeypatch.undo()
+    assert bool(svd_calls) == (case in ("low_rank", "tall"))  # the Gram route only where it is certain
+    ref = _svd_basis(X)
+    assert V.shape == ref.shape
+    np.testing.assert_allclose(V, ref, atol=1e-8)
+    np.testing.assert_allclose(coords, X @ ref.T, atol=1e-8 * np.abs(X).max())
+    np.testing.assert_allclose(V @ V.T, np.eye(len(V)), atol=1e-10)
+    lead = V[np.arange(len(V)), np.abs(V).argmax(1)]
+    assert (lead > 0).all()

@@ -185,6 +185,48 @@ class FittedManifold:
         return (w[:, :, None] * self.Z[idx]).sum(1)
 
 
+def _sign_canonical(V: np.ndarray) -> np.ndarray:
+    """+1 / -1 per row of V that makes the row's largest-magnitude entry positive."""
+    if not V.size:
+        return np.ones(len(V))
+    lead = V[np.arange(len(V)), np.abs(V).argmax(1)]
+    return np.where(lead < 0, -1.0, 1.0)
+
+
+def row_space_basis(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An orthonormal basis ``V`` [k, features] of the row space of ``X`` [anchors, features] and the anchors'
+    coordinates in it, ``X V^T`` [anchors, k]: the right singular vectors whose singular value exceeds 1e-7 of the
+    largest, each signed so that its largest-magnitude entry is positive (LAPACK builds choose singular vectors'
+    signs differently; LET's seeded initialisation lives in this basis, so its fit would follow them).
+
+    With fewer anchors than features the eigendecomposition of the anchors' Gram matrix ``X X^T`` is used (about
+    twice as fast as the SVD) when it keeps the SVD's directions for certain: every eigenvalue above 1e-11 of the
+    largest (singular values above 3e-6 of the largest, far above the cut, where the eigensolver's error of
+    ~1e-13 of the largest eigenvalue cannot move them across it), but for centred ``X`` (z-scored features) the
+    one along the all-ones vector, checked directly: its singular value ``||X^T 1|| / sqrt(n)`` lies below 1e-9 of
+    the largest. Otherwise - a rank-deficient spectrum, or float32 rounding noise near the cut (e.g. features of a
+    low-rank operator) - the SVD decides. The two give the same basis to float rounding (tests/test_manifold.py).
+    """
+    X = np.asarray(X, dtype=np.float64)
+    n, G = X.shape
+    if 2 <= n <= G:
+        lam, U = np.linalg.eigh(X @ X.T)  # ascending
+        top = float(lam[-1])
+        if top > 0:
+            clear = lam > 1e-11 * top
+            n_unclear = n - int(clear.sum())
+            if n_unclear == 0 or (n_unclear == 1 and not clear[0]
+                                  and np.linalg.norm(X.sum(0)) / np.sqrt(n) <= 1e-9 * np.sqrt(top)):
+                U, S = U[:, clear][:, ::-1], np.sqrt(lam[clear][::-1])
+                V = (U.T @ X) / S[:, None]
+                signs = _sign_canonical(V)
+                return V * signs[:, None], (U * S) * signs
+    _, S, Vt = np.linalg.svd(X, full_matrices=False)
+    V = Vt[S > S[0] * 1e-7] if len(S) else Vt[:0]
+    V = V * _sign_canonical(V)[:, None]
+    return V, X @ V.T
+
+
 class LETModel:
     """Latent embedding transfer (torch): linear encoder with tied-weight reconstruction and angular ruler fit."""
 
@@ -203,14 +245,11 @@ class LETModel:
         G = X.shape[1]
         key = _cache_key("let_basis", X) if cache is not None else None
         if key is not None and key in cache:  # e.g. the null ruler's fit of the same anchors
-            self.V = cache[key]
+            self.V, Xr = cache[key]
         else:
-            _, S, Vt = np.linalg.svd(X, full_matrices=False)
-            keep = S > S[0] * 1e-7 if len(S) else S > 0
-            self.V = Vt[keep]  # [k, G]
+            self.V, Xr = row_space_basis(X)  # [k, G], [n, k]
             if key is not None:
-                cache[key] = self.V
-        Xr = X @ self.V.T
+                cache[key] = (self.V, Xr)
         g = torch.Generator().manual_seed(self.seed)
         Xt = torch.as_tensor(Xr, dtype=torch.float32)
         n, k = Xt.shape
@@ -220,22 +259,24 @@ class LETModel:
         b = torch.nn.Parameter(torch.zeros(k))
         log_beta = torch.nn.Parameter(torch.tensor(float(np.log(max(float(R.max()), 1e-3) / (np.pi / 2)))))
         if self.engine == "fused":
-            return self._fit_fused(Xt, target, mask, W.detach(), b.detach(), log_beta.detach(), G)
-        opt = torch.optim.Adam([W, b, log_beta], lr=self.lr)
-        n_pairs = mask.sum()
-        for _ in range(self.epochs):
-            z = (Xt - b) @ W.T
-            zn = z / z.norm(dim=1, keepdim=True).clamp(min=1e-8)
-            cos = (zn @ zn.T).clamp(-1 + 1e-6, 1 - 1e-6)
-            fit = (((log_beta.exp() * torch.arccos(cos) - target) ** 2) * mask).sum() / n_pairs
-            recon = ((z @ W + b - Xt) ** 2).sum() / (n * G)
-            loss = fit + self.alpha * recon
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        self.W, self.b = W.detach().numpy(), b.detach().numpy()
-        self.beta = float(log_beta.detach().exp())
-        self.final_fit_loss = float(fit.detach())
+            self._fit_fused(Xt, target, mask, W.detach(), b.detach(), log_beta.detach(), G)
+        else:
+            opt = torch.optim.Adam([W, b, log_beta], lr=self.lr)
+            n_pairs = mask.sum()
+            for _ in range(self.epochs):
+                z = (Xt - b) @ W.T
+                zn = z / z.norm(dim=1, keepdim=True).clamp(min=1e-8)
+                cos = (zn @ zn.T).clamp(-1 + 1e-6, 1 - 1e-6)
+                fit = (((log_beta.exp() * torch.arccos(cos) - target) ** 2) * mask).sum() / n_pairs
+                recon = ((z @ W + b - Xt) ** 2).sum() / (n * G)
+                loss = fit + self.alpha * recon
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            self.W, self.b = W.detach().numpy(), b.detach().numpy()
+            self.beta = float(log_beta.detach().exp())
+            self.final_fit_loss = float(fit.detach())
+        self.train_latent_ = (Xr - self.b) @ self.W.T  # transform(X) without projecting X again
         return self
 
     def _fit_fused(self, Xt, target, mask, W, b, log_beta, G: int) -> "LETModel":
@@ -426,7 +467,7 @@ def fit_manifold(F: np.ndarray, fitter: str, *, d: int = 10, ruler: np.ndarray |
     if ruler is None:
         raise InputError("the LET fitter needs the ruler between anchors")
     model = LETModel(d=d_eff, seed=seed, epochs=let_epochs, engine=let_engine).fit(X, ruler, cache=fit_cache)
-    return FittedManifold(fitter, model.transform(X), mu, sd, model, X)
+    return FittedManifold(fitter, model.train_latent_, mu, sd, model, X)
 
 
 def latent_distances(m: FittedManifold, Z: np.ndarray) -> np.ndarray:
@@ -530,10 +571,14 @@ class PermutationDesign:
     [H, pairs] x [pairs, relabellings] matrix product, instead of H separate tests. The Besag-Clifford stop of
     :func:`blocked_permutation_p` (``stop_after`` exceedances, checked after each chunk of ``chunk``) is applied
     afterwards to each latent's sequence of statistics, so p-values and permutation counts are the same.
+    The ``r_perm`` are gathered once and kept in float32 (exact for midranks) while they fit ``cache_bytes``
+    (4 GB: 2,000 relabellings of 1,000 anchors' 500k pairs), so later batches (a screen scores its latents as they
+    come) only multiply; beyond that they are gathered again for every batch.
     """
 
     def __init__(self, stage_idx: np.ndarray, stage_ruler: np.ndarray, blocks, n_perm: int = 2000, seed: int = 0,
-                 stop_after: int = 20, chunk: int = 100):
+                 stop_after: int = 20, chunk: int = 100, cache_bytes: float = 4e9):
+        self.cache_bytes, self._r32, self._filled = float(cache_bytes), None, 0
         stage_idx = np.asarray(stage_idx)
         A = len(stage_idx)
         self.A, self.n_perm, self.stop_after, self.chunk = A, int(n_perm), int(stop_after), int(chunk)
@@ -568,22 +613,49 @@ class PermutationDesign:
     def n_pairs(self) -> int:
         return len(self.r_obs)
 
+    def _relabelled_ranks(self, start: int, end: int) -> np.ndarray:
+        """The ruler ranks of every anchor pair under relabellings ``start:end`` [end - start, pairs]."""
+        i0, i1 = self.iu32
+        labp = self.lab[self.perms[start:end]]
+        return self.rv_flat[labp[:, i0] * self.lab.dtype.type(self.S) + labp[:, i1]]
+
+    def _cached_ranks(self, end: int) -> np.ndarray | None:
+        """Relabellings ``0:end``'s ruler ranks from the design's float32 store (filled on first use, kept for the
+        next latents), or None when the store would exceed ``cache_bytes``. Midranks are multiples of 0.5 below
+        the number of pairs, so float32 holds them exactly while there are fewer than 2^23 pairs."""
+        if self.n_perm * self.n_pairs * 4 > self.cache_bytes or self.n_pairs >= 2**23:
+            return None
+        if self._r32 is None:
+            self._r32, self._filled = np.empty((self.n_perm, self.n_pairs), dtype=np.float32), 0
+        step = max(1, int(64e6 // (16 * max(self.n_pairs, 1))))
+        for s in range(self._filled, end, step):
+            self._r32[s:min(s + step, end)] = self._relabelled_ranks(s, min(s + step, end))
+        self._filled = max(self._filled, end)
+        return self._r32
+
     def _statistics(self, a: np.ndarray, start: int, end: int, max_bytes: float = 64e6) -> np.ndarray:
         """Relabellings ``start:end`` scored against standardised pair ranks ``a`` [H, pairs] -> [H, end - start]."""
+        r32 = self._cached_ranks(end)
+        if r32 is not None:
+            # blocks of anchor pairs: each block of ``a`` is read once for all the relabellings (one matrix product
+            # per block, in float64 like the uncached path; only the order of the additions differs)
+            out = np.zeros((len(a), end - start))
+            step = max(1, int(max_bytes // (8 * max(end - start, 1))))
+            for k in range(0, self.n_pairs, step):
+                out += a[:, k:k + step] @ r32[start:end, k:k + step].astype(np.float64).T
+            return out
         out = np.empty((len(a), end - start))
         step = max(1, int(max_bytes // (16 * max(self.n_pairs, 1))))
-        i0, i1 = self.iu32
-        S = self.lab.dtype.type(self.S)
         for s in range(start, end, step):
-            labp = self.lab[self.perms[s:min(s + step, end)]]
-            r = self.rv_flat[labp[:, i0] * S + labp[:, i1]]
+            r = self._relabelled_ranks(s, min(s + step, end))
             out[:, s - start:s - start + len(r)] = a @ r.T
         return out
 
     def p_values(self, a: np.ndarray) -> list[tuple[float, int]]:
         """``(p, permutations counted)`` per row of ``a`` (standardised pair ranks, [H, pairs] or [pairs]), as
         :func:`blocked_permutation_p` gives them: chunk by chunk, a row leaves once it is decided, and the pass
-        ends when every row has."""
+        ends when every row has. The statistics are computed for the first chunk, the next four, then the rest
+        (fewer, larger products; a row decided inside a stretch is stopped where the chunk rule stops it)."""
         a = np.atleast_2d(np.asarray(a, dtype=np.float64))
         if a.shape[1] != self.n_pairs:
             raise InputError(f"the latent has {a.shape[1]} anchor pairs, the permutation design {self.n_pairs}")
@@ -592,19 +664,24 @@ class PermutationDesign:
         tol = 1e-9 * np.maximum(1.0, np.abs(a).sum(1) * np.abs(self.rv_flat).max(initial=0.0))
         exceed = np.zeros(len(a), dtype=int)
         out: list = [None] * len(a)
-        active, a_active = np.arange(len(a)), a
-        for start in range(0, self.n_perm, self.chunk):
-            end = min(start + self.chunk, self.n_perm)
-            stats = self._statistics(a_active, start, end)
-            exceed[active] += (stats >= (obs - tol)[active, None]).sum(1)
-            hit = exceed[active] >= self.stop_after
-            for i in active[hit]:
-                out[i] = (float(exceed[i] / end), end)
-            if hit.any():
-                active = active[~hit]
-                a_active = a[active]
-            if not len(active):
+        active = np.arange(len(a))
+        stretch_ends = sorted({min(self.chunk, self.n_perm), min(5 * self.chunk, self.n_perm), self.n_perm})
+        start = 0
+        for stretch_end in stretch_ends:
+            if not len(active) or start >= stretch_end:
                 break
+            stats = self._statistics(a[active], start, stretch_end)
+            for c0 in range(start, stretch_end, self.chunk):
+                c1 = min(c0 + self.chunk, stretch_end)
+                exceed[active] += (stats[:, c0 - start:c1 - start] >= (obs - tol)[active, None]).sum(1)
+                hit = exceed[active] >= self.stop_after
+                for i in active[hit]:
+                    out[i] = (float(exceed[i] / c1), c1)
+                if hit.any():
+                    active, stats = active[~hit], stats[~hit]
+                if not len(active):
+                    break
+            start = stretch_end
         for i in active:
             out[i] = ((int(exceed[i]) + 1) / (self.n_perm + 1), self.n_perm)
         return out
