@@ -622,30 +622,44 @@ class PermutationDesign:
     def _cached_ranks(self, end: int) -> np.ndarray | None:
         """Relabellings ``0:end``'s ruler ranks from the design's float32 store (filled on first use, kept for the
         next latents), or None when the store would exceed ``cache_bytes``. Midranks are multiples of 0.5 below
-        the number of pairs, so float32 holds them exactly while there are fewer than 2^23 pairs."""
+        the number of pairs, so float32 holds them exactly while there are fewer than 2^23 pairs. Filled through
+        index buffers allocated once (fresh large temporaries cost page faults comparable to the gathering)."""
         if self.n_perm * self.n_pairs * 4 > self.cache_bytes or self.n_pairs >= 2**23:
             return None
         if self._r32 is None:
             self._r32, self._filled = np.empty((self.n_perm, self.n_pairs), dtype=np.float32), 0
-        step = max(1, int(64e6 // (16 * max(self.n_pairs, 1))))
-        for s in range(self._filled, end, step):
-            self._r32[s:min(s + step, end)] = self._relabelled_ranks(s, min(s + step, end))
-        self._filled = max(self._filled, end)
+        if self._filled < end:
+            rv32 = self.rv_flat.astype(np.float32)
+            i0, i1 = self.iu32
+            step = max(1, int(32e6 // (8 * max(self.n_pairs, 1))))
+            b0, b1 = (np.empty((step, self.n_pairs), dtype=self.lab.dtype) for _ in range(2))
+            for s in range(self._filled, end, step):
+                m = min(s + step, end) - s
+                labp = self.lab[self.perms[s:s + m]]
+                np.take(labp, i0, axis=1, out=b0[:m])
+                np.take(labp, i1, axis=1, out=b1[:m])
+                b0[:m] *= self.lab.dtype.type(self.S)
+                b0[:m] += b1[:m]
+                np.take(rv32, b0[:m], out=self._r32[s:s + m])
+            self._filled = end
         return self._r32
 
-    def _statistics(self, a: np.ndarray, start: int, end: int, max_bytes: float = 64e6) -> np.ndarray:
+    def _statistics(self, a: np.ndarray, start: int, end: int, max_bytes: float = 32e6) -> np.ndarray:
         """Relabellings ``start:end`` scored against standardised pair ranks ``a`` [H, pairs] -> [H, end - start]."""
         r32 = self._cached_ranks(end)
         if r32 is not None:
             # blocks of anchor pairs: each block of ``a`` is read once for all the relabellings (one matrix product
-            # per block, in float64 like the uncached path; only the order of the additions differs)
+            # per block, in float64 like the uncached path, through one buffer; only the order of additions differs)
             out = np.zeros((len(a), end - start))
             step = max(1, int(max_bytes // (8 * max(end - start, 1))))
+            buf = np.empty((end - start, min(step, self.n_pairs)))
             for k in range(0, self.n_pairs, step):
-                out += a[:, k:k + step] @ r32[start:end, k:k + step].astype(np.float64).T
+                blk = buf[:, :min(step, self.n_pairs - k)]
+                np.copyto(blk, r32[start:end, k:k + step])
+                out += a[:, k:k + step] @ blk.T
             return out
         out = np.empty((len(a), end - start))
-        step = max(1, int(max_bytes // (16 * max(self.n_pairs, 1))))
+        step = max(1, int(max_bytes // (8 * max(self.n_pairs, 1))))
         for s in range(start, end, step):
             r = self._relabelled_ranks(s, min(s + step, end))
             out[:, s - start:s - start + len(r)] = a @ r.T
@@ -670,7 +684,7 @@ class PermutationDesign:
         for stretch_end in stretch_ends:
             if not len(active) or start >= stretch_end:
                 break
-            stats = self._statistics(a[active], start, stretch_end)
+            stats = self._statistics(a if len(active) == len(a) else a[active], start, stretch_end)
             for c0 in range(start, stretch_end, self.chunk):
                 c1 = min(c0 + self.chunk, stretch_end)
                 exceed[active] += (stats[:, c0 - start:c1 - start] >= (obs - tol)[active, None]).sum(1)
