@@ -572,12 +572,12 @@ class PermutationDesign:
     :func:`blocked_permutation_p` (``stop_after`` exceedances, checked after each chunk of ``chunk``) is applied
     afterwards to each latent's sequence of statistics, so p-values and permutation counts are the same.
     The ``r_perm`` are gathered once and kept in float32 (exact for midranks) while they fit ``cache_bytes``
-    (4 GB: 2,000 relabellings of 1,000 anchors' 500k pairs), so later batches (a screen scores its latents as they
-    come) only multiply; beyond that they are gathered again for every batch.
+    (2.5 GB: 2,000 relabellings of up to ~790 anchors' pairs), so later batches (a screen scores its latents as
+    they come) only multiply; beyond that they are gathered again for every batch.
     """
 
     def __init__(self, stage_idx: np.ndarray, stage_ruler: np.ndarray, blocks, n_perm: int = 2000, seed: int = 0,
-                 stop_after: int = 20, chunk: int = 100, cache_bytes: float = 4e9):
+                 stop_after: int = 20, chunk: int = 100, cache_bytes: float = 2.5e9):
         self.cache_bytes, self._r32, self._filled = float(cache_bytes), None, 0
         stage_idx = np.asarray(stage_idx)
         A = len(stage_idx)
