@@ -533,8 +533,9 @@ def blocked_permutation_p(D: np.ndarray, stage_idx: np.ndarray, stage_ruler: np.
     ``exact=True`` gathers every anchor pair of every relabelling instead (the reference the design is checked
     against: same relabellings, same statistic up to float rounding).
     """
+    # one latent: nothing would reuse the design's store of relabelled ranks, so it is not kept
     design = PermutationDesign(stage_idx, stage_ruler, blocks, n_perm=n_perm, seed=seed, stop_after=stop_after,
-                               chunk=chunk)
+                               chunk=chunk, cache_bytes=0)
     a = standardised_pair_ranks(D)
     if not exact:
         return design.p_values(a)[0]
