@@ -33,6 +33,7 @@ from sklearn.metrics import pairwise_distances
 from sklearn.neighbors import NearestNeighbors, kneighbors_graph
 
 from .errors import InputError
+from .utils import restores_torch_threads
 
 FITTERS = ("isomap", "gmds", "let")
 
@@ -279,6 +280,7 @@ class LETModel:
         self.train_latent_ = (Xr - self.b) @ self.W.T  # transform(X) without projecting X again
         return self
 
+    @restores_torch_threads
     def _fit_fused(self, Xt, target, mask, W, b, log_beta, G: int) -> "LETModel":
         """The same objective, initialisation and Adam steps (torch's update formula) with the gradient written out:
         about a third of the passes over the anchors x anchors matrices that autograd makes, on the three blocks on
@@ -295,6 +297,10 @@ class LETModel:
         (tests/test_manifold.py)."""
         import torch
 
+        # one torch thread: its elementwise passes here are ~0.1-0.5 M values, and a second thread's OpenMP spin-wait
+        # fights numpy's BLAS threads for the same cores (a 701-anchor fit on 2 cores: 6.4 s with torch's default
+        # 2 threads, 0.74 s with 1; the screen's workers already run single-threaded)
+        torch.set_num_threads(1)
         f32 = np.float32
         X = Xt.numpy()  # [n, k]
         n = X.shape[0]
