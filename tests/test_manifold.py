@@ -135,6 +135,48 @@ def test_fused_let_follows_the_autograd_fit(n):
         LETModel(engine="jit")
 
 
+@pytest.mark.parametrize("n", [2, 3, 37, 130])
+def test_let_pair_pass_matches_the_dense_formulas(n):
+    """The compiled pair pass against the dense float64 formulas: the fit's sums and the gradient wrt the unit
+    latent, with duplicated and opposite anchors (cosines at +-1: clamped, zero gradient) among them."""
+    from sclens._let_kernel import let_pair_pass, packed_upper
+
+    rng = np.random.default_rng(n)
+    Z = rng.normal(size=(5, n)).astype(np.float32)
+    if n > 3:
+        Z[:, 1], Z[:, 2] = Z[:, 0], -Z[:, 0]
+    Z /= np.linalg.norm(Z, axis=0)
+    R = rng.uniform(0, 3, size=(n, n))
+    beta, hi = np.float32(1.7), np.float32(1 - 1e-6)
+    g = np.full_like(Z, np.nan)
+    fit_sum, g_sum = let_pair_pass(Z, packed_upper(R), beta, hi, g, np.empty(n, np.float32), np.empty(n, np.float32))
+    iu = np.triu_indices(n, 1)
+    C = Z.astype(float).T @ Z.astype(float)
+    Cc = np.clip(C, -float(hi), float(hi))
+    E = float(beta) * np.arccos(Cc) - R
+    assert fit_sum == pytest.approx((E[iu] ** 2).sum(), rel=1e-5)
+    assert g_sum == pytest.approx((E[iu] * np.arccos(Cc[iu])).sum(), rel=1e-5, abs=1e-5)
+    G = np.zeros((n, n))
+    G[iu] = np.where(np.abs(C[iu]) <= float(hi), E[iu] / np.sqrt(1 - Cc[iu] ** 2), 0.0)
+    G = G + G.T
+    if n > 3:
+        assert G[0, 1] == G[0, 2] == 0.0  # the clamped pairs carry no gradient
+    np.testing.assert_allclose(g, Z.astype(float) @ G, rtol=1e-4, atol=1e-4 * np.abs(Z @ G).max())
+
+
+def test_let_pair_pass_arccos_is_accurate_over_the_range():
+    """The pass's arccos (a polynomial, so that it vectorises) within float32 rounding of numpy's over [-1, 1]."""
+    from sclens._let_kernel import let_pair_pass
+
+    scratch = np.empty(2, np.float32), np.empty(2, np.float32)
+    for x in np.linspace(-1 + 1e-6, 1 - 1e-6, 2001).astype(np.float32):
+        Z = np.array([[1.0, x], [0.0, np.sqrt(1 - np.float64(x) ** 2)]], np.float32)  # cosine: exactly x
+        fit_sum, g_sum = let_pair_pass(Z, np.zeros(1, np.float32), np.float32(1.0), np.float32(1 - 1e-6),
+                                       np.empty_like(Z), *scratch)  # ruler 0: the residual is the angle itself
+        assert np.sqrt(fit_sum) == pytest.approx(np.arccos(np.float64(x)), abs=1e-6)
+        assert g_sum == pytest.approx(fit_sum, rel=1e-6)
+
+
 @pytest.mark.parametrize("n, dup", [(40, False), (120, True)])
 def test_smacof_metric_is_scikit_learns_iteration(n, dup):
     """The buffered SMACOF gives scikit-learn's configuration (same iteration count, same stopping rule, zero

@@ -33,7 +33,6 @@ from sklearn.metrics import pairwise_distances
 from sklearn.neighbors import NearestNeighbors, kneighbors_graph
 
 from .errors import InputError
-from .utils import restores_torch_threads
 
 FITTERS = ("isomap", "gmds", "let")
 
@@ -280,33 +279,24 @@ class LETModel:
         self.train_latent_ = (Xr - self.b) @ self.W.T  # transform(X) without projecting X again
         return self
 
-    @restores_torch_threads
     def _fit_fused(self, Xt, target, mask, W, b, log_beta, G: int) -> "LETModel":
-        """The same objective, initialisation and Adam steps (torch's update formula) with the gradient written out:
-        about a third of the passes over the anchors x anchors matrices that autograd makes, on the three blocks on
-        and above the diagonal of a 2 x 2 split of those symmetric matrices (three quarters of the pairs' work), into
-        buffers allocated once (a fresh anchors x anchors array per step costs page faults comparable to the
-        arithmetic).
-        The latent is kept as [d, anchors] and numpy (float32) does the products and the small steps (torch's
-        products with a 10-column factor and its per-call overhead on small arrays cost several times more); torch
-        does the arccos (vectorised; numpy's is not) and the fused elementwise passes, on the same memory. The clamp
-        of the cosines is checked with one min/max pass and applied only when a pair leaves (-1 + 1e-6, 1 - 1e-6)
-        (near-duplicate latent directions); the diagonal, which the fit masks out, is set to 0 so it never triggers
-        it. Float rounding differs from the autograd path, and Adam can magnify it in coordinates whose gradient is
-        near zero: fits agree to ~1e-6 on well-conditioned problems, to ~1e-2 in the weights on small ones
-        (tests/test_manifold.py)."""
-        import torch
+        """The same objective, initialisation and Adam steps (torch's update formula) with the gradient written out.
+        Each step makes one compiled pass over the anchor pairs (:func:`sclens._let_kernel.let_pair_pass`): the
+        cosines, the angles, the ruler fit's residuals and their gradient wrt the unit latent, pair by pair, with no
+        anchors x anchors array (autograd makes about ten passes over such arrays per step, each a fresh allocation).
+        The arccos is a degree-7 polynomial (|error| <= 2e-8) so that the pass vectorises; the clamp of the cosines
+        to (-1 + 1e-6, 1 - 1e-6) applies pair by pair, with zero gradient where it bites, as autograd's clamp. The
+        latent is kept as [d, anchors] and numpy (float32) does the small products and steps. Float rounding differs
+        from the autograd path, and Adam can magnify it in coordinates whose gradient is near zero: fits agree to
+        ~1e-6 on well-conditioned problems, to ~1e-2 in the weights on small ones (tests/test_manifold.py)."""
+        from ._let_kernel import let_pair_pass, packed_upper
 
-        # one torch thread: its elementwise passes here are ~0.1-0.5 M values, and a second thread's OpenMP spin-wait
-        # fights numpy's BLAS threads for the same cores (a 701-anchor fit on 2 cores: 6.4 s with torch's default
-        # 2 threads, 0.74 s with 1; the screen's workers already run single-threaded)
-        torch.set_num_threads(1)
         f32 = np.float32
         X = Xt.numpy()  # [n, k]
+        XT = np.ascontiguousarray(X.T)  # W @ X.T reads a transposed view at half the speed
         n = X.shape[0]
-        n_pairs = float(mask.sum())  # each pair once; both triangles are used below, so each is counted twice
-        neg_T = (target * mask).numpy()
-        neg_T = -(neg_T + neg_T.T)
+        n_pairs = float(mask.sum())
+        T = packed_upper(target.numpy())  # only the pairs i < j, as the mask selects them
         col_sum = X.sum(0)
         c_rec = f32(2 * self.alpha / (n * G))
         W, b = W.numpy().astype(f32), b.numpy().astype(f32)
@@ -316,63 +306,21 @@ class LETModel:
         b1, b2, eps = 0.9, 0.999, 1e-8
         m1 = [np.zeros_like(W), np.zeros_like(b), 0.0]
         m2 = [np.zeros_like(W), np.zeros_like(b), 0.0]
-        # the pair matrices are symmetric: only the blocks on and above the diagonal of a 2 x 2 split of the anchors
-        # are formed (three quarters of the pairs' work), each in three buffers allocated once (two workers' working
-        # sets then fit the shared cache): the cosines C, the angles (later the gradient wrt C, once the angles are
-        # used), the residual E. A diagonal block holds both triangles of its pairs, an off-diagonal one each pair
-        # once, so its sums count twice.
-        h = n // 2
-        parts = [slice(0, h), slice(h, n)] if h >= 1 else [slice(0, n)]
-        blocks = []
-        for i, si in enumerate(parts):
-            for sj in parts[i:]:
-                shape = (si.stop - si.start, sj.stop - sj.start)
-                bufs = [np.empty(shape, dtype=f32) for _ in range(3)]
-                blocks.append((si, sj, si == sj, 1.0 if si == sj else 2.0, bufs, [torch.from_numpy(a) for a in bufs],
-                               torch.from_numpy(np.ascontiguousarray(neg_T[si, sj])),
-                               torch.ones((), dtype=torch.float32).expand(*shape)))
-        del neg_T
         zT, g_znT = np.empty((W.shape[0], n), dtype=f32), np.empty((W.shape[0], n), dtype=f32)
+        c_row, g_row = np.empty(n, dtype=f32), np.empty(n, dtype=f32)
         fit = float("nan")
         for t in range(1, self.epochs + 1):
             # z^T = W (x - b)^T without forming x - b (its [anchors, rank] passes cost as much as the pair ones)
-            np.matmul(W, X.T, out=zT)
+            np.matmul(W, XT, out=zT)
             zT -= (W @ b)[:, None]
             norm = np.sqrt(np.einsum("ij,ij->j", zT, zT))
             nc = np.maximum(norm, f32(1e-8))
             znT = zT / nc
-            clamped = False
-            for si, sj, diag, _, (C, _, _), (C_t, _, _), _, _ in blocks:
-                np.matmul(znT[:, si].T, znT[:, sj], out=C)
-                if diag:
-                    np.fill_diagonal(C, 0.0)  # the fit never reads the diagonal (masked residual, zero gradient)
-                lo, up = torch.aminmax(C_t)
-                clamped = clamped or bool(lo < -hi) or bool(up > hi)
             beta = float(np.exp(log_beta))
-            fit_sum, g_sum = 0.0, 0.0
-            for si, sj, diag, w, (C, theta, E), (C_t, theta_t, E_t), neg_T_t, one in blocks:
-                if clamped:  # d clamp / dC = 1 where (-hi, hi) passes the value on, else 0
-                    inside = torch.abs(C_t).le_(float(hi))
-                    C_t.clamp_(-float(hi), float(hi))
-                torch.acos(C_t, out=theta_t)
-                torch.add(neg_T_t, theta_t, alpha=beta, out=E_t)  # the residual of the ruler fit
-                if diag:
-                    np.fill_diagonal(E, 0.0)
-                Ev = E.ravel()
-                fit_sum += w * float(np.dot(Ev, Ev))
-                g_sum += w * float(np.dot(Ev, theta.ravel()))
-                # d/dC of beta * arccos(C) = -beta / sqrt(1 - C^2); the constant factors come after the product
-                gC_t = torch.addcmul(one, C_t, C_t, value=-1.0, out=theta_t).rsqrt_().mul_(E_t)
-                if clamped:
-                    gC_t.mul_(inside)
-            fit = fit_sum / (2 * n_pairs)
-            g_log_beta = beta / n_pairs * g_sum
-            # g_zn = zn gC with gC symmetric, from the blocks: an off-diagonal block serves both of its sides
-            g_znT[:] = 0.0
-            for si, sj, diag, _, (_, gC, _), _, _, _ in blocks:
-                g_znT[:, si] += znT[:, sj] @ gC.T if not diag else znT[:, si] @ gC
-                if not diag:
-                    g_znT[:, sj] += znT[:, si] @ gC
+            fit_sum, g_sum = let_pair_pass(znT, T, f32(beta), hi, g_znT, c_row, g_row)
+            fit = fit_sum / n_pairs
+            g_log_beta = beta * 2.0 / n_pairs * g_sum
+            # d/dC of beta * arccos(C) = -beta / sqrt(1 - C^2), each pair counted once in the mean
             g_znT *= f32(-beta * 2.0 / n_pairs)
             gzT = (g_znT - znT * np.einsum("ij,ij->j", znT, g_znT) * (norm >= 1e-8)) / nc
             # reconstruction ||z W - (x - b)||^2 * alpha / (n G), differentiated through z and W directly
