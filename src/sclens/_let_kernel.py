@@ -18,11 +18,10 @@ _PI = _f32(np.pi)
 # error_model="numpy": no zero-division check (the denominators are >= sqrt(1 - hi^2) > 0), which would stop the
 # loops from vectorising; fastmath only lets the sums be reassociated and products fused (no finite-math assumptions)
 @numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy", cache=True, nogil=True)
-def let_pair_pass(znT, T, beta, hi, g_znT, c, gc):  # pragma: no cover - compiled; tested through LETModel
+def let_pair_pass(znT, T, beta, hi, g_znT, c, gc):  # pragma: no cover - compiled (tests/test_manifold.py)
     """For unit latent columns ``znT`` [d, n] (float32) and the ruler's pairs i < j packed row by row in ``T``
     (:func:`packed_upper`): the fit's squared residuals summed over the pairs, ``sum (beta acos(c_ij) - T_ij)^2``,
-    the sum of
-    ``residual_ij * acos(c_ij)``, and, into ``g_znT``, ``sum_j g_ij zn_j`` for every anchor i with
+    the sum of ``residual_ij * acos(c_ij)``, and, into ``g_znT``, ``sum_j g_ij zn_j`` for every anchor i with
     ``g_ij = residual_ij / sqrt(1 - c_ij^2)`` (0 where |c_ij| > hi, where the cosine is clamped to +-hi).
     ``c`` and ``gc`` are float32 scratch rows of length n."""
     d, n = znT.shape
