@@ -55,8 +55,12 @@ def test_planted_unit_ranks_first_with_gates_and_null_fails(tmp_path, cells):
 
 
 def test_all_random_units_pass_nothing(tmp_path, cells):
+    from sclens.screen import METRICS
+
     rep, _, _ = _run(tmp_path, cells, planted=False)
     assert not rep.table["passes_all"].any()
+    # every metric of both rulers is a column even where the staged engine computed it for no hypothesis
+    assert {p + m for p in ("", "null_") for m in METRICS} <= set(rep.table.columns)
 
 
 def test_screen_resumes_from_its_cache(tmp_path, cells):

@@ -320,6 +320,9 @@ def _feature_jobs(banks: dict, units, include_drift: bool) -> tuple[list[tuple[s
     return jobs, skipped
 
 
+METRICS = ("trustworthiness", "ruler_spearman", "ruler_spearman_resid", "geodesic_spearman", "holdout_random",
+           "holdout_donor", "holdout_branch", "perm_p", "perm_n", "perm_blocks")  # per ruler; the null's: "null_" + each
+
 _GATE_OF = {"trustworthiness": "gate_trustworthiness", "holdout_random": "gate_holdout_random",
             "holdout_donor": "gate_holdout_donor", "holdout_branch": "gate_holdout_branch", "perm_p": "gate_permutation"}
 
@@ -507,7 +510,8 @@ def screen(
         _write_cache(file, key, done)
     table = pd.DataFrame([r for rows in results[: len(jobs)] for r in rows])
     control_table = (pd.DataFrame([r for rows in results[len(jobs):] for r in rows]) if controls else None)
-    for col in ("ruler_spearman_resid", "perm_p", "trustworthiness"):
+    # the same columns whatever the staged engine skipped: a metric no hypothesis reached is NaN, not absent
+    for col in [p + m for p in ("", "null_") for m in METRICS]:
         if col not in table:
             table[col] = np.nan
     for prefix in ("", "null_"):
