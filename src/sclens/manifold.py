@@ -253,14 +253,14 @@ class LETModel:
         g = torch.Generator().manual_seed(self.seed)
         Xt = torch.as_tensor(Xr, dtype=torch.float32)
         n, k = Xt.shape
-        target = torch.as_tensor(R, dtype=torch.float32)
-        mask = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
         W = torch.nn.Parameter(torch.randn(self.d, k, generator=g) / np.sqrt(k))
         b = torch.nn.Parameter(torch.zeros(k))
         log_beta = torch.nn.Parameter(torch.tensor(float(np.log(max(float(R.max()), 1e-3) / (np.pi / 2)))))
         if self.engine == "fused":
-            self._fit_fused(Xt, target, mask, W.detach(), b.detach(), log_beta.detach(), G)
+            self._fit_fused(Xt, R, W.detach(), b.detach(), log_beta.detach(), G)
         else:
+            target = torch.as_tensor(R, dtype=torch.float32)
+            mask = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
             opt = torch.optim.Adam([W, b, log_beta], lr=self.lr)
             n_pairs = mask.sum()
             for _ in range(self.epochs):
@@ -279,7 +279,7 @@ class LETModel:
         self.train_latent_ = (Xr - self.b) @ self.W.T  # transform(X) without projecting X again
         return self
 
-    def _fit_fused(self, Xt, target, mask, W, b, log_beta, G: int) -> "LETModel":
+    def _fit_fused(self, Xt, R: np.ndarray, W, b, log_beta, G: int) -> "LETModel":
         """The same objective, initialisation and Adam steps (torch's update formula) with the gradient written out.
         Each step makes one compiled pass over the anchor pairs (:func:`sclens._let_kernel.let_pair_pass`): the
         cosines, the angles, the ruler fit's residuals and their gradient wrt the unit latent, pair by pair, with no
@@ -295,8 +295,8 @@ class LETModel:
         X = Xt.numpy()  # [n, k]
         XT = np.ascontiguousarray(X.T)  # W @ X.T reads a transposed view at half the speed
         n = X.shape[0]
-        n_pairs = float(mask.sum())
-        T = packed_upper(target.numpy())  # only the pairs i < j, as the mask selects them
+        T = packed_upper(R)  # only the pairs i < j, as the autograd path's mask selects them
+        n_pairs = float(len(T))
         col_sum = X.sum(0)
         c_rec = f32(2 * self.alpha / (n * G))
         W, b = W.numpy().astype(f32), b.numpy().astype(f32)
